@@ -1,0 +1,34 @@
+"""Storage backends: where checkpoint bytes live and when they count (see ``base``)."""
+
+from __future__ import annotations
+
+import os
+
+from trainguard.store.base import Store, check_key
+from trainguard.store.local import LocalStore
+
+__all__ = ["LocalStore", "Store", "check_key", "open_store"]
+
+
+def open_store(target: str | os.PathLike | Store) -> Store:
+    """Return a :class:`Store` for a path, a ``file://`` URL, or an existing store.
+
+    Args:
+        target: a directory path, ``file:///abs/path``, or an object already
+            implementing :class:`Store` (returned as is).
+
+    Raises:
+        ValueError: the URL scheme has no backend in this installation.
+    """
+    if isinstance(target, Store) and not isinstance(target, (str, os.PathLike)):
+        return target
+    text = os.fspath(target)
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        if scheme == "file":
+            return LocalStore(rest)
+        raise ValueError(
+            f"no storage backend for {scheme}:// URLs in this version of trainguard; "
+            f"use a local directory path"
+        )
+    return LocalStore(text)

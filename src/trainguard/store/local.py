@@ -1,0 +1,375 @@
+"""``LocalStore``: the embedded default, a directory on a local (or mounted) filesystem.
+
+Durability invariant: when ``write`` returns, the object is complete on disk under its
+final name. Each write goes to a temp sibling (``.tgtmp-*``), is fsync'd, is renamed into
+place with ``os.replace`` (atomic on POSIX), and the directory is fsync'd so the rename
+itself survives a power cut. ``commit`` therefore has nothing left to do.
+
+Speed: large writes stream through page-aligned staging buffers with ``O_DIRECT`` (when
+the filesystem allows it) while a second thread issues the writes, so copying the next
+chunk overlaps writing the last one. On this class of disk a buffered write + fsync runs
+at less than half the ``O_DIRECT`` speed. Large whole-file reads use ``O_DIRECT`` too.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import queue
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from trainguard.errors import StoreError
+from trainguard.store.base import Data, check_key
+from trainguard.store.lock import FileLock
+
+TMP_PREFIX = ".tgtmp-"
+_ALIGN = 4096
+_DIRECT_MIN_BYTES = 1 << 20  # below this, O_DIRECT buys nothing
+
+
+def _chunks(data: Data) -> Iterator[memoryview]:
+    """Yield ``data`` as byte-level memoryviews, whether it is one buffer or many."""
+    try:
+        yield memoryview(data).cast("B")  # type: ignore[arg-type]
+        return
+    except TypeError:
+        pass
+    for piece in data:  # type: ignore[union-attr]
+        view = memoryview(piece)
+        yield view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames and creations inside it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _enable_direct(fd: int) -> bool:
+    """Switch an open fd to O_DIRECT; False when the filesystem refuses (tmpfs...)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    import fcntl
+
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        return True
+    except OSError:
+        return False
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class _BufferPool:
+    """Page-aligned anonymous mmaps, allocated once and reused across writes and reads."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, self.size)
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+class _StreamWriter:
+    """Copy chunks into aligned buffers; a background thread writes full buffers.
+
+    Small streams never leave the first buffer and are written plainly (buffered). Once a
+    buffer fills, the fd is switched to O_DIRECT (if allowed) and writing overlaps copying.
+    """
+
+    def __init__(self, fd: int, pool: _BufferPool, direct: bool) -> None:
+        self.fd, self.pool, self.allow_direct = fd, pool, direct
+        self.direct = False
+        self.buf: mmap.mmap | None = None
+        self.fill = 0
+        self.total = 0
+        self.thread: threading.Thread | None = None
+        self.pending: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+
+    def _writer_loop(self) -> None:
+        while True:
+            item = self.pending.get()
+            if item is None:
+                return
+            buf, length = item
+            try:
+                if self.error is None:
+                    _write_all(self.fd, memoryview(buf)[:length])
+            except BaseException as exc:  # surfaced to the producer on its next call
+                self.error = exc
+            finally:
+                self.pool.give(buf)
+
+    def _flush_full(self) -> None:
+        if self.thread is None:
+            self.direct = self.allow_direct and _enable_direct(self.fd)
+            self.thread = threading.Thread(target=self._writer_loop, daemon=True,
+                                           name="trainguard-local-writer")
+            self.thread.start()
+        self.pending.put((self.buf, self.fill))
+        self.buf, self.fill = None, 0
+        if self.error is not None:
+            raise self.error
+
+    def add(self, view: memoryview) -> None:
+        self.total += len(view)
+        while view:
+            if self.buf is None:
+                self.buf = self.pool.take()
+            n = min(len(view), self.pool.size - self.fill)
+            self.buf[self.fill:self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == self.pool.size:
+                self._flush_full()
+
+    def finish(self) -> int:
+        try:
+            if self.thread is not None:
+                self.pending.put(None)
+                self.thread.join()
+                self.thread = None
+                if self.error is not None:
+                    raise self.error
+            if self.buf is not None and self.fill:
+                tail = memoryview(self.buf)[: self.fill]
+                if self.direct:
+                    padded = -(-self.fill // _ALIGN) * _ALIGN
+                    self.buf[self.fill:padded] = bytes(padded - self.fill)
+                    _write_all(self.fd, memoryview(self.buf)[:padded])
+                    os.ftruncate(self.fd, self.total)
+                else:
+                    _write_all(self.fd, tail)
+                tail.release()
+        finally:
+            if self.buf is not None:
+                self.pool.give(self.buf)
+                self.buf = None
+        return self.total
+
+    def abort(self) -> None:
+        if self.thread is not None:
+            self.error = self.error or RuntimeError("aborted")
+            self.pending.put(None)
+            self.thread.join()
+        if self.buf is not None:
+            self.pool.give(self.buf)
+            self.buf = None
+
+
+class LocalStore:
+    """A store rooted at a local directory (the embedded default).
+
+    Args:
+        root: the directory; created on the first write when missing.
+        direct_io: use O_DIRECT for large reads and writes where the filesystem allows.
+        chunk_bytes: size of each staging buffer (two are in flight per write).
+    """
+
+    def __init__(self, root: str | os.PathLike, *, direct_io: bool = True,
+                 chunk_bytes: int = 32 << 20) -> None:
+        if chunk_bytes <= 0 or chunk_bytes % _ALIGN:
+            raise ValueError(f"chunk_bytes must be a positive multiple of {_ALIGN}")
+        self.root = Path(root).expanduser().absolute()
+        self.direct_io = direct_io
+        self._pool = _BufferPool(chunk_bytes)
+
+    @property
+    def url(self) -> str:
+        """The root directory, as a string."""
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.url!r})"
+
+    def path(self, key: str) -> Path:
+        """The filesystem path of ``key`` (validated: it cannot leave the root)."""
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _makedirs(self, directory: Path) -> None:
+        missing = []
+        probe = directory
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        for new_dir in reversed(missing):
+            try:
+                new_dir.mkdir()
+            except FileExistsError:
+                pass
+            fsync_dir(new_dir.parent)  # the new entry itself must survive a crash
+
+    def write(self, key: str, data: Data) -> int:
+        """Atomically and durably write ``data`` at ``key``; returns bytes written."""
+        final = self.path(key)
+        tmp = final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        try:
+            self._makedirs(final.parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            writer = _StreamWriter(fd, self._pool, self.direct_io)
+            try:
+                for view in _chunks(data):
+                    writer.add(view)
+                total = writer.finish()
+                os.fsync(fd)
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+            return total
+        except BaseException as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot write {final}: {exc.strerror or exc}") from exc
+            raise
+
+    # -- reading -------------------------------------------------------------------------
+
+    def size(self, key: str) -> int:
+        """Size of ``key`` in bytes."""
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"cannot stat {self.path(key)}: {exc.strerror}") from exc
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` is a file in the store."""
+        return self.path(key).is_file()
+
+    def read(self, key: str, offset: int = 0, length: int | None = None) -> memoryview:
+        """Read a byte range of ``key``; whole large files are read with O_DIRECT."""
+        path = self.path(key)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError(f"bad range offset={offset} length={length} for {key!r}")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            end = size if length is None else min(size, offset + length)
+            count = max(0, end - offset)
+            if (self.direct_io and offset == 0 and count == size
+                    and size >= _DIRECT_MIN_BYTES and _enable_direct(fd)):
+                return self._read_direct(fd, size)
+            out = bytearray(count)
+            view = memoryview(out)
+            got = 0
+            while got < count:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n == 0:
+                    raise StoreError(f"{path} shrank while being read")
+                got += n
+            return view
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
+    def _read_direct(self, fd: int, size: int) -> memoryview:
+        padded = -(-size // _ALIGN) * _ALIGN
+        buf = mmap.mmap(-1, padded)
+        view = memoryview(buf)
+        step = self._pool.size
+        got = 0
+        while got < size:
+            n = os.preadv(fd, [view[got:min(padded, got + step)]], got)
+            if n == 0:
+                raise StoreError(f"file shrank while being read (fd {fd})")
+            got += n
+        return view[:size]
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key under ``prefix`` (recursive, sorted); temp files are not keys."""
+        base = self.path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if not name.startswith(TMP_PREFIX):
+                    keys.append(name if rel == "." else f"{rel}/{name}")
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        """Delete ``key`` and prune directories it leaves empty (up to the root)."""
+        path = self.path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot delete {path}: {exc.strerror}") from exc
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    break
+                raise StoreError(f"cannot remove {parent}: {exc.strerror}") from exc
+            parent = parent.parent
+        fsync_dir(parent) if parent.exists() else None
+
+    def remove_temp_files(self, prefix: str = "") -> list[str]:
+        """Delete temp files left by writers that died; returns the paths removed."""
+        base = self.path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        removed = []
+        for dirpath, _dirnames, filenames in os.walk(base):
+            for name in filenames:
+                if name.startswith(TMP_PREFIX):
+                    Path(dirpath, name).unlink(missing_ok=True)
+                    removed.append(os.path.join(dirpath, name))
+        return removed
+
+    def commit(self) -> None:
+        """Nothing to do: every write is already fsync'd and renamed into place."""
+
+    def lock(self, name: str, purpose: str = "writer") -> FileLock:
+        """A writer lock file at ``name`` inside the store (not yet acquired)."""
+        return FileLock(self.path(name), purpose=purpose)
+
+    def iter_dirs(self, prefix: str) -> Iterable[str]:
+        """Names of the immediate sub-directories of ``prefix`` (sorted)."""
+        base = self.path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return []
+        return sorted(entry.name for entry in os.scandir(base) if entry.is_dir())

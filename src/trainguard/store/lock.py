@@ -1,0 +1,119 @@
+"""A single-writer lock on a run directory.
+
+The lock is an ``flock`` on a lock file; the kernel releases it when the holder dies, even
+by ``kill -9``, so a crashed writer never blocks the next attempt. The file also records
+who holds it (pid, host, since) so a refusal can name the holder. Where ``flock`` is not
+supported (some network filesystems), the recorded pid/host decides: a lock whose holder
+ran on this host and is no longer alive is stale and taken over.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from trainguard.errors import LockHeld
+
+_FLOCK_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FileLock:
+    """An exclusive, non-blocking lock file.
+
+    Args:
+        path: the lock file.
+        purpose: what the holder does, for messages ("writer", "gc").
+    """
+
+    def __init__(self, path: str | os.PathLike, purpose: str = "writer") -> None:
+        self.path = Path(path)
+        self.purpose = purpose
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object currently holds the lock."""
+        return self._fd is not None
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _refuse(self, holder: dict) -> LockHeld:
+        who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
+        since = holder.get("since")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
+        return LockHeld(
+            f"{self.path.parent} is locked by another {holder.get('purpose', 'writer')} "
+            f"({who}, since {when}). Only one process may write a run directory; stop that "
+            f"process, or if it is gone for good delete {self.path}."
+        )
+
+    def acquire(self) -> FileLock:
+        """Take the lock or raise :class:`LockHeld` naming the holder."""
+        if self._fd is not None:
+            return self
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise self._refuse(self._holder()) from None
+            if exc.errno not in _FLOCK_UNSUPPORTED:
+                os.close(fd)
+                raise
+            holder = self._holder()  # no flock here: fall back to the pid/host record
+            if holder and holder.get("pid") != os.getpid() and not self._stale(holder):
+                os.close(fd)
+                raise self._refuse(holder) from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                  "purpose": self.purpose}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False  # cannot see another host's processes: assume alive
+        pid = holder.get("pid")
+        return not isinstance(pid, int) or not _pid_alive(pid)
+
+    def release(self) -> None:
+        """Release the lock (idempotent). The file stays; its flock is what counts."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        os.close(fd)
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
