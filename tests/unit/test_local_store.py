@@ -1,0 +1,71 @@
+"""LocalStore: the conformance suite plus what only a local filesystem can show."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.unit.store_conformance import StoreConformance
+from trainguard.errors import LockHeld, StoreError
+from trainguard.store import LocalStore, open_store
+from trainguard.store.local import TMP_PREFIX
+
+
+class TestLocalStore(StoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path):
+        # Small staging buffers so the O_DIRECT pipeline and tail padding run in the suite.
+        return LocalStore(tmp_path / "run", chunk_bytes=1 << 20)
+
+
+class TestLocalStoreBuffered(StoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path):
+        return LocalStore(tmp_path / "run", direct_io=False)
+
+
+def test_failed_stream_leaves_old_object_and_no_temp_file(tmp_path):
+    store = LocalStore(tmp_path, chunk_bytes=1 << 20)
+    store.write("f.bin", b"old")
+
+    def broken():
+        yield b"x" * (3 << 20)
+        raise RuntimeError("producer died mid-stream")
+
+    with pytest.raises(RuntimeError, match="producer died"):
+        store.write("f.bin", broken())
+    assert bytes(store.read("f.bin")) == b"old"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(TMP_PREFIX)]
+
+
+def test_temp_files_are_not_keys_and_can_be_removed(tmp_path):
+    store = LocalStore(tmp_path)
+    store.write("d/real", b"1")
+    (tmp_path / "d" / f"{TMP_PREFIX}real.123.abcd").write_bytes(b"partial")
+    assert store.list("d") == ["d/real"]
+    removed = store.remove_temp_files()
+    assert len(removed) == 1 and store.list("d") == ["d/real"]
+
+
+def test_write_into_unwritable_dir_is_a_store_error(tmp_path):
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    store = LocalStore(tmp_path)
+    with pytest.raises(StoreError, match="cannot write"):
+        store.write("blocker/x", b"1")
+
+
+def test_lock_is_exclusive_and_names_holder(tmp_path):
+    store = LocalStore(tmp_path)
+    first = store.lock(".lock").acquire()
+    with pytest.raises(LockHeld, match=f"pid {os.getpid()}"):
+        store.lock(".lock").acquire()
+    first.release()
+    store.lock(".lock").acquire().release()
+
+
+def test_open_store_accepts_paths_and_file_urls(tmp_path):
+    assert isinstance(open_store(tmp_path), LocalStore)
+    assert open_store(f"file://{tmp_path}").url == str(tmp_path)
+    with pytest.raises(ValueError, match="no storage backend"):
+        open_store("gopher://x/y")
