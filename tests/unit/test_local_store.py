@@ -69,3 +69,33 @@ def test_open_store_accepts_paths_and_file_urls(tmp_path):
     assert open_store(f"file://{tmp_path}").url == str(tmp_path)
     with pytest.raises(ValueError, match="no storage backend"):
         open_store("gopher://x/y")
+
+
+def test_without_flock_a_dead_holder_is_taken_over_a_live_one_is_not(tmp_path, monkeypatch):
+    """Network filesystems may not support flock: then the pid/host record decides."""
+    import errno
+    import fcntl
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock_path = tmp_path / ".lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    host = socket.gethostname()
+    lock_path.write_text(json.dumps({"pid": int(dead.stdout), "host": host, "since": 1.0}))
+    taken = LocalStore(tmp_path).lock(".lock").acquire()
+    assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    taken.release()
+
+    lock_path.write_text(json.dumps({"pid": os.getppid(), "host": host, "since": 1.0}))
+    with pytest.raises(LockHeld, match=f"pid {os.getppid()}"):
+        LocalStore(tmp_path).lock(".lock").acquire()
+    lock_path.write_text(json.dumps({"pid": 1, "host": "another-host", "since": 1.0}))
+    with pytest.raises(LockHeld, match="another-host"):
+        LocalStore(tmp_path).lock(".lock").acquire()

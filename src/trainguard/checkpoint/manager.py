@@ -19,6 +19,7 @@ import logging
 import platform
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,14 @@ def _clean_metrics(metrics: dict | None) -> dict[str, float]:
             raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}")
         out[str(name)] = float(value)
     return out
+
+
+def _check_file(where: str, data: memoryview, entry: FileEntry) -> None:
+    if len(data) != entry.size:
+        raise CheckpointCorrupt(f"{where}: size {len(data)} bytes, manifest says {entry.size}")
+    if checksum(data) != entry.checksum:
+        raise CheckpointCorrupt(f"{where}: checksum mismatch (content changed after the "
+                                f"commit: disk or copy corruption)")
 
 
 def _hashed(chunks: Iterable[memoryview], hasher: Hasher) -> Iterator[memoryview]:
@@ -314,20 +323,19 @@ class CheckpointManager:
     def _read_verified(self, info: CheckpointInfo) -> tuple[Any, dict[str, torch.Tensor]]:
         """Read every file, check sizes and checksums, then parse. Nothing is applied."""
         assert info.manifest is not None
+        files = info.manifest.files
         buffers = {}
-        for name, entry in info.manifest.files.items():
-            try:
-                data = self.store.read(f"{info.key}/{name}")
-            except FileNotFoundError:
-                raise CheckpointCorrupt(f"{info.key}/{name}: missing") from None
-            if len(data) != entry.size:
-                raise CheckpointCorrupt(f"{info.key}/{name}: size {len(data)} bytes, "
-                                        f"manifest says {entry.size}")
-            actual = checksum(data)
-            if actual != entry.checksum:
-                raise CheckpointCorrupt(f"{info.key}/{name}: checksum mismatch (content "
-                                        f"changed after the commit: disk or copy corruption)")
-            buffers[name] = data
+        # Files are read two at a time while this thread checks the ones already read,
+        # so checksumming overlaps I/O instead of following it.
+        with ThreadPoolExecutor(2, thread_name_prefix="trainguard-restore") as pool:
+            reads = {name: pool.submit(self.store.read, f"{info.key}/{name}") for name in files}
+            for name, future in reads.items():
+                try:
+                    data = future.result()
+                except FileNotFoundError:
+                    raise CheckpointCorrupt(f"{info.key}/{name}: missing") from None
+                _check_file(f"{info.key}/{name}", data, files[name])
+                buffers[name] = data
         if STATE_FILE not in buffers:
             raise CheckpointCorrupt(f"{info.key}: manifest lists no {STATE_FILE}")
         try:

@@ -1,0 +1,5 @@
+"""``python -m trainguard`` runs the CLI."""
+
+from trainguard.cli import main
+
+main()
