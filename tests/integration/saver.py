@@ -3,8 +3,9 @@
 Usage: python -m tests.integration.saver RUN_DIR
 
 It resumes after the newest valid step, saves step after step (each state derived from
-its step number alone, so the parent can rebuild the expected values), prints
-``committed N`` after each save returns, and runs retention (keep_last(2)) so kills also
+its step number alone, so the parent can rebuild the expected values), mutates the
+tensors as soon as ``save`` returns (the background write must not see that), prints
+``committed N`` after each save's ``wait()``, and runs retention (keep_last(2)) so kills also
 land in the middle of deletions.
 """
 
@@ -39,7 +40,11 @@ def main(run_dir: str) -> None:
     step = latest.step + 1 if latest else 0
     print("ready", flush=True)
     while True:
-        mgr.save(step, state_for(step))
+        state = state_for(step)
+        handle = mgr.save(step, state)  # returns after the snapshot; writes in background
+        for tensor in state["tensors"].values():
+            tensor.mul_(-3.0)  # mutating right away must not change what is saved
+        handle.wait()
         print(f"committed {step}", flush=True)
         step += 1
 

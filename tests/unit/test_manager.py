@@ -32,6 +32,7 @@ def _save_steps(path, steps, **kwargs) -> CheckpointManager:
     mgr = CheckpointManager(path, max_shard_bytes=8 << 10, **kwargs)
     for step in steps:
         mgr.save(step, _state(step), metrics={"loss": 1.0 / (step + 1)})
+    mgr.wait()
     return mgr
 
 

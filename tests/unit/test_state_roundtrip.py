@@ -67,7 +67,7 @@ def test_training_continues_identically_after_restore(tmp_path):
 
     model, opt, sched = setup()
     train_steps(model, opt, sched, steps=3, seed=1)
-    CheckpointManager(tmp_path).save(3, {"model": model, "optimizer": opt, "scheduler": sched})
+    CheckpointManager(tmp_path).save(3, {"model": model, "optimizer": opt, "scheduler": sched}).wait()
     train_steps(model, opt, sched, steps=3, seed=2)
 
     model2, opt2, sched2 = setup()

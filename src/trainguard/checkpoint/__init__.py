@@ -1,6 +1,7 @@
 """Checkpoints: the verified on-disk format, the manager, retention and RNG capture."""
 
-from trainguard.checkpoint.manager import CheckpointInfo, CheckpointManager, SaveHandle
+from trainguard.checkpoint.manager import CheckpointInfo, CheckpointManager
+from trainguard.checkpoint.saving import SaveHandle
 from trainguard.checkpoint.retention import (
     RetentionPolicy,
     keep_any,

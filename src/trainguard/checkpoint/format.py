@@ -31,6 +31,8 @@ FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 STATE_FILE = "state.json"
+#: Marks a deleted checkpoint whose files later (incremental) checkpoints still reference.
+RETIRED = "retired.json"
 CHECKSUM_ALGO = "xxh3_128"
 _STEP_DIR = re.compile(r"^step-(\d{9,})$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -97,6 +99,36 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class FileRef:
+    """A file of an earlier checkpoint that an incremental checkpoint reads tensors from.
+
+    The location is rebuilt from a validated step number and a validated plain file
+    name, so a manifest cannot point a reader outside the checkpoints directory.
+    """
+
+    step: int
+    name: str
+    size: int
+    checksum: str
+
+    @property
+    def key(self) -> str:
+        """Store key of the referenced file."""
+        return f"{step_dir(self.step)}/{self.name}"
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "name": self.name, "size": self.size,
+                CHECKSUM_ALGO: self.checksum}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> FileRef:
+        step = doc["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise CheckpointCorrupt(f"manifest refers to step {step!r}, not a step number")
+        return cls(step, check_file_name(doc["name"]), int(doc["size"]), str(doc[CHECKSUM_ALGO]))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The commit record of one checkpoint.
 
@@ -108,6 +140,8 @@ class Manifest:
         tags: free-form user strings.
         reason: why it was saved ("periodic", "final", "preempted", "error", ...).
         versions: library versions that wrote it.
+        refs: files of earlier checkpoints holding tensors this one did not rewrite
+            (incremental saves); verified like the checkpoint's own files.
     """
 
     step: int
@@ -117,6 +151,12 @@ class Manifest:
     tags: dict[str, str] = field(default_factory=dict)
     reason: str = "periodic"
     versions: dict[str, str] = field(default_factory=dict)
+    refs: tuple[FileRef, ...] = ()
+
+    @property
+    def referenced_bytes(self) -> int:
+        """Bytes of earlier checkpoints' files that this one reads from."""
+        return sum(ref.size for ref in self.refs)
 
     @property
     def total_bytes(self) -> int:
@@ -135,6 +175,7 @@ class Manifest:
             "checksum_algo": CHECKSUM_ALGO,
             "files": {name: entry.to_json() for name, entry in sorted(self.files.items())},
             "total_bytes": self.total_bytes,
+            "refs": [ref.to_json() for ref in self.refs],
             "versions": self.versions,
         }
         return json.dumps(doc, indent=1, sort_keys=False).encode()
@@ -171,6 +212,7 @@ class Manifest:
                 tags=dict(doc.get("tags") or {}),
                 reason=str(doc.get("reason", "periodic")),
                 versions=dict(doc.get("versions") or {}),
+                refs=tuple(FileRef.from_json(ref) for ref in doc.get("refs") or ()),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointCorrupt(f"{where}: malformed manifest ({exc!r})") from exc

@@ -1,5 +1,9 @@
 """``CheckpointManager``: snapshot -> write -> checksum -> manifest -> commit -> retention.
 
+``save`` blocks only for the snapshot (tensors copied into reusable host memory); writing,
+checksumming (on the fly), the manifest, the commit and retention run in a background
+thread (``saving.SaveJob``). At most one save is in flight.
+
 Invariants (each one is tested):
 
 * The manifest is written last and the store committed right after: a checkpoint exists
@@ -10,6 +14,8 @@ Invariants (each one is tested):
 * Retention deletes the manifest of a checkpoint first (un-committing it), then its files;
   it never deletes the newest valid checkpoint nor the one just written.
 * One writer per run directory (a lock file, taken on the first save or gc).
+* Files of a deleted checkpoint that a kept incremental checkpoint still reads from stay
+  (the directory is marked retired) until nothing references them.
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ import torch
 from trainguard.checkpoint.format import (
     CHECKPOINTS_DIR,
     MANIFEST,
+    RETIRED,
     STATE_FILE,
     FileEntry,
+    FileRef,
     Hasher,
     Manifest,
+    ShardPlan,
     checksum,
     parse_safetensors,
     parse_step_dir,
@@ -39,9 +48,12 @@ from trainguard.checkpoint.format import (
     step_dir,
 )
 from trainguard.checkpoint.retention import RetentionPolicy
+from trainguard.checkpoint.saving import FinalPieces, SaveHandle, SaveJob
+from trainguard.checkpoint.snapshot import ChangeTracker, HostArena, Location
 from trainguard.checkpoint.tree import flatten, restore_into
 from trainguard.errors import (
     CheckpointCorrupt,
+    CheckpointError,
     CheckpointExists,
     CheckpointNotFound,
     StateMismatch,
@@ -90,25 +102,6 @@ class CheckpointInfo:
     @property
     def total_bytes(self) -> int:
         return self.manifest.total_bytes if self.manifest else 0
-
-
-class SaveHandle:
-    """The result of :meth:`CheckpointManager.save`; ``wait()`` returns the committed info.
-
-    Saves are synchronous in this version, so a handle is complete when returned; the
-    handle exists so that asynchronous saves need no change in calling code.
-    """
-
-    def __init__(self, info: CheckpointInfo) -> None:
-        self._info = info
-
-    def done(self) -> bool:
-        """Whether the save has committed."""
-        return True
-
-    def wait(self, timeout: float | None = None) -> CheckpointInfo:
-        """Block until committed; returns the checkpoint's info."""
-        return self._info
 
 
 def _versions() -> dict[str, str]:
@@ -162,15 +155,25 @@ class CheckpointManager:
     """
 
     def __init__(self, store: str | Store, *, keep: RetentionPolicy | None = None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, incremental: bool = False,
+                 if_busy: str = "wait") -> None:
         if keep is not None and not callable(keep):
             raise TypeError(f"keep must be a retention policy such as keep_last(3), got {keep!r}")
         if max_shard_bytes < 1:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        if if_busy not in ("wait", "skip"):
+            raise ValueError(f"if_busy must be 'wait' or 'skip', got {if_busy!r}")
         self.store = open_store(store)
         self.keep = keep
         self.max_shard_bytes = max_shard_bytes
+        self.incremental = incremental
+        self.if_busy = if_busy
         self._lock = None
+        self._arena = HostArena()
+        self._tracker = ChangeTracker()
+        self._job: SaveJob | None = None
+        self._error: BaseException | None = None  # of a background save, not yet raised
+        self._ref_entries: dict[tuple[int, str], FileEntry] = {}  # files a next save may reuse
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -182,10 +185,40 @@ class CheckpointManager:
             self._lock = make_lock(LOCK_NAME)
         self._lock.acquire()
 
+    def _drain(self) -> None:
+        """Wait for the in-flight save; keep its error for the next raising call."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.join()
+            if job.error is not None and not job.error_reported:
+                job.error_reported = True
+                self._error = job.error
+
+    def _raise_pending(self) -> None:
+        self._drain()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"a background save failed: {error!r}") from error
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) has committed.
+
+        Raises:
+            CheckpointError: a background save failed since the last raising call.
+        """
+        self._raise_pending()
+
     def close(self) -> None:
-        """Release the writer lock (saves are already committed when they return)."""
-        if self._lock is not None:
-            self._lock.release()
+        """Finish the in-flight save, then release the writer lock.
+
+        Raises:
+            CheckpointError: a background save failed (the lock is released anyway).
+        """
+        try:
+            self._raise_pending()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -196,8 +229,15 @@ class CheckpointManager:
     # -- saving --------------------------------------------------------------------------
 
     def save(self, step: int, state: dict, metrics: dict | None = None, *,
-             tags: dict[str, str] | None = None, reason: str = "periodic") -> SaveHandle:
-        """Write ``state`` as the checkpoint of ``step`` and commit it.
+             tags: dict[str, str] | None = None, reason: str = "periodic",
+             blocking: bool = False) -> SaveHandle:
+        """Snapshot ``state`` as the checkpoint of ``step``; write and commit it.
+
+        Returns as soon as the snapshot is in host memory (``blocking=False``): from then
+        on the caller may mutate its tensors freely. The write, checksums, manifest,
+        commit and retention continue in the background; ``handle.wait()`` (or the
+        manager's ``wait``/``close``) blocks until committed. When a save is already in
+        flight, this one waits for it (``if_busy="wait"``) or is skipped (``"skip"``).
 
         Args:
             step: training step (non-negative int); one checkpoint per step.
@@ -205,18 +245,25 @@ class CheckpointManager:
             metrics: numbers recorded in the manifest (used by ``keep_best``).
             tags: free-form strings recorded in the manifest.
             reason: why this save happens ("periodic", "final", "preempted", "error").
+            blocking: wait for the commit before returning.
 
         Returns:
-            A handle whose ``wait()`` gives the committed :class:`CheckpointInfo`.
+            A :class:`SaveHandle`; ``wait()`` gives the committed :class:`CheckpointInfo`.
 
         Raises:
             CheckpointExists: a committed checkpoint already holds ``step``.
+            CheckpointError: the previous background save failed (raised once).
             LockHeld: another process writes this run directory.
             TypeError: the state holds a value that cannot be saved without pickle.
         """
         key = step_dir(step)
         metrics = _clean_metrics(metrics)
         tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        if self._job is not None and self._job.is_alive() and self.if_busy == "skip":
+            log.info("skipping save of step %d: step %d is still being written",
+                     step, self._job.step)
+            return SaveHandle(step)
+        self._raise_pending()
         self._acquire_writer()
         if self.store.exists(f"{key}/{MANIFEST}"):
             raise CheckpointExists(
@@ -225,25 +272,74 @@ class CheckpointManager:
             )
         started = time.monotonic()
         tree, tensors = flatten(state)
+        if self.incremental:
+            changed, unchanged, observed = self._tracker.split(tensors)
+        else:
+            changed, unchanged, observed = tensors, {}, None
         for stale in self.store.list(key):  # leftovers of an interrupted save of this step
             self.store.delete(stale)
-        files = {}
-        for shard in plan_shards(tensors, self.max_shard_bytes):
-            files[shard.name] = self._write(f"{key}/{shard.name}", shard.chunks())
-        state_json = json.dumps(tree, separators=(",", ":")).encode()
-        files[STATE_FILE] = self._write(f"{key}/{STATE_FILE}", [memoryview(state_json)])
-        manifest = Manifest(step=step, created_at=time.time(), files=files, metrics=metrics,
-                            tags=tags, reason=reason, versions=_versions())
-        # The manifest is written last and committed at once: its presence is the commit.
-        self.store.write(f"{key}/{MANIFEST}", manifest.to_bytes())
-        self.store.commit()
-        seconds = time.monotonic() - started
-        log.info("committed step %d (%s, %.2f s) to %s", step,
-                 human_bytes(manifest.total_bytes), seconds, self.store.url)
-        info = CheckpointInfo(step, key, manifest)
+        job = SaveJob(step, key, self._write, self.store, started)
+        job.start()
+        try:
+            shards = self._stage(changed, job)
+        except BaseException:
+            job.abort()
+            job.join()
+            raise
+        locations = {name: Location(step, shard.name, name)
+                     for shard in shards for name, _ in shard.tensors}
+        locations.update(unchanged)
+        state_json = json.dumps({"tree": tree, "tensor_refs": {
+            name: [loc.step, loc.file, loc.name] for name, loc in unchanged.items()}},
+            separators=(",", ":")).encode()
+        refs = tuple(FileRef(s, f, self._ref_entries[(s, f)].size,
+                             self._ref_entries[(s, f)].checksum)
+                     for s, f in sorted({(loc.step, loc.file) for loc in unchanged.values()}))
+        versions = _versions()
+
+        def make_manifest(files: dict[str, FileEntry]) -> Manifest:
+            return Manifest(step=step, created_at=time.time(), files=files, metrics=metrics,
+                            tags=tags, reason=reason, versions=versions, refs=refs)
+
+        def on_commit(manifest: Manifest) -> None:
+            self._after_commit(job, manifest, observed, locations)
+
+        job.finish(FinalPieces(state_json, make_manifest, on_commit))
+        self._job = job
+        handle = SaveHandle(step, job, lambda m: CheckpointInfo(step, key, m),
+                            stall_seconds=time.monotonic() - started)
+        if blocking:
+            handle.wait()
+        return handle
+
+    def _stage(self, tensors: dict[str, torch.Tensor], job: SaveJob) -> list[ShardPlan]:
+        """Copy tensors into the host arena shard by shard, handing each to the job."""
+        shards = plan_shards(tensors, self.max_shard_bytes)
+        pin = any(t.device.type == "cuda" for t in tensors.values())
+        self._arena.reset(HostArena.bytes_needed(list(tensors.values())), pin)
+        for shard in shards:
+            staged = ShardPlan(shard.name, [(n, self._arena.copy(t)) for n, t in shard.tensors])
+            self._arena.synchronize()
+            job.put(staged)
+        return shards
+
+    def _after_commit(self, job: SaveJob, manifest: Manifest, observed: dict | None,
+                      locations: dict[str, Location]) -> None:
+        """Runs in the save thread right after the commit."""
+        log.info("committed step %d (%s, %.2f s) to %s", manifest.step,
+                 human_bytes(manifest.total_bytes), time.monotonic() - job.started,
+                 self.store.url)
+        entries = {(manifest.step, name): entry for name, entry in manifest.files.items()}
+        entries.update({(ref.step, ref.name): FileEntry(ref.size, ref.checksum)
+                        for ref in manifest.refs})
+        self._ref_entries = entries
+        if observed is not None:
+            self._tracker.commit(observed, locations)
         if self.keep is not None:
-            self._apply_retention(self.keep, protect={step})
-        return SaveHandle(info)
+            try:
+                self._apply_retention(self.keep, protect={manifest.step})
+            except Exception as exc:  # a failing delete must not fail a committed save
+                log.warning("retention after step %d failed: %r", manifest.step, exc)
 
     def _write(self, key: str, chunks: Iterable[memoryview]) -> FileEntry:
         hasher = Hasher()
@@ -252,12 +348,9 @@ class CheckpointManager:
 
     # -- reading -------------------------------------------------------------------------
 
-    def list(self) -> list[CheckpointInfo]:
-        """Every checkpoint directory, oldest first, each marked valid or with its problem.
-
-        This is a cheap check (manifest parses, files present with the recorded sizes);
-        :meth:`verify` also checks every byte.
-        """
+    def _scan(self) -> tuple[list[CheckpointInfo], dict[int, list[str]]]:
+        """(checkpoint directories, retired directories -> their remaining files)."""
+        self._drain()
         by_step: dict[int, list[str]] = {}
         for key in self.store.list(CHECKPOINTS_DIR):
             parts = key.split("/")
@@ -266,7 +359,21 @@ class CheckpointManager:
             step = parse_step_dir(parts[1])
             if step is not None:
                 by_step.setdefault(step, []).append("/".join(parts[2:]))
-        return [self._inspect(step, names) for step, names in sorted(by_step.items())]
+        infos, retired = [], {}
+        for step, names in sorted(by_step.items()):
+            if MANIFEST not in names and RETIRED in names:
+                retired[step] = names
+            else:
+                infos.append(self._inspect(step, names))
+        return infos, retired
+
+    def list(self) -> list[CheckpointInfo]:
+        """Every checkpoint directory, oldest first, each marked valid or with its problem.
+
+        This is a cheap check (manifest parses, files present with the recorded sizes);
+        :meth:`verify` also checks every byte. Waits for this manager's in-flight save.
+        """
+        return self._scan()[0]
 
     def _inspect(self, step: int, names: list[str]) -> CheckpointInfo:
         key = step_dir(step)
@@ -282,13 +389,18 @@ class CheckpointManager:
             return CheckpointInfo(step, key, manifest,
                                   f"manifest says step {manifest.step}, directory says {step}")
         present = set(names)
-        for name, entry in manifest.files.items():
-            if name not in present:
-                return CheckpointInfo(step, key, manifest, f"{name}: missing")
-            size = self.store.size(f"{key}/{name}")
-            if size != entry.size:
+        expected = [(name, f"{key}/{name}", entry.size) for name, entry in manifest.files.items()]
+        expected += [(ref.key, ref.key, ref.size) for ref in manifest.refs]
+        for label, file_key, size in expected:
+            if file_key.startswith(f"{key}/") and label not in present:
+                return CheckpointInfo(step, key, manifest, f"{label}: missing")
+            try:
+                actual = self.store.size(file_key)
+            except FileNotFoundError:
+                return CheckpointInfo(step, key, manifest, f"{label}: missing")
+            if actual != size:
                 return CheckpointInfo(step, key, manifest,
-                                      f"{name}: size {size} bytes, manifest says {entry.size}")
+                                      f"{label}: size {actual} bytes, manifest says {size}")
         return CheckpointInfo(step, key, manifest)
 
     def latest_valid(self) -> CheckpointInfo | None:
@@ -323,28 +435,40 @@ class CheckpointManager:
     def _read_verified(self, info: CheckpointInfo) -> tuple[Any, dict[str, torch.Tensor]]:
         """Read every file, check sizes and checksums, then parse. Nothing is applied."""
         assert info.manifest is not None
-        files = info.manifest.files
+        files = {f"{info.key}/{name}": entry for name, entry in info.manifest.files.items()}
+        files.update({ref.key: FileEntry(ref.size, ref.checksum) for ref in info.manifest.refs})
         buffers = {}
         # Files are read two at a time while this thread checks the ones already read,
         # so checksumming overlaps I/O instead of following it.
         with ThreadPoolExecutor(2, thread_name_prefix="trainguard-restore") as pool:
-            reads = {name: pool.submit(self.store.read, f"{info.key}/{name}") for name in files}
-            for name, future in reads.items():
+            reads = {key: pool.submit(self.store.read, key) for key in files}
+            for key, future in reads.items():
                 try:
                     data = future.result()
                 except FileNotFoundError:
-                    raise CheckpointCorrupt(f"{info.key}/{name}: missing") from None
-                _check_file(f"{info.key}/{name}", data, files[name])
-                buffers[name] = data
-        if STATE_FILE not in buffers:
+                    raise CheckpointCorrupt(f"{key}: missing") from None
+                _check_file(key, data, files[key])
+                buffers[key] = data
+        state_key = f"{info.key}/{STATE_FILE}"
+        if state_key not in buffers:
             raise CheckpointCorrupt(f"{info.key}: manifest lists no {STATE_FILE}")
         try:
-            tree = json.loads(bytes(buffers.pop(STATE_FILE)))
-        except ValueError as exc:
-            raise CheckpointCorrupt(f"{info.key}/{STATE_FILE}: not valid JSON ({exc})") from exc
+            doc = json.loads(bytes(buffers.pop(state_key)))
+            tree, tensor_refs = doc["tree"], doc.get("tensor_refs", {})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointCorrupt(f"{state_key}: not a trainguard state file ({exc!r})") from exc
+        by_file = {key: parse_safetensors(data, key) for key, data in buffers.items()}
         tensors: dict[str, torch.Tensor] = {}
-        for name, data in buffers.items():
-            tensors.update(parse_safetensors(data, f"{info.key}/{name}"))
+        for key, found in by_file.items():
+            if key.startswith(f"{info.key}/"):
+                tensors.update(found)
+        for name, (ref_step, ref_file, ref_name) in tensor_refs.items():
+            ref = FileRef(ref_step, ref_file, 0, "")  # validates step and file name
+            try:
+                tensors[name] = by_file[ref.key][ref_name]
+            except KeyError:
+                raise CheckpointCorrupt(f"{state_key}: tensor {name!r} refers to {ref.key}, "
+                                        f"which the manifest does not list or lacks it") from None
         return tree, tensors
 
     def restore(self, state: dict, step: int | None = None) -> int:
@@ -392,37 +516,59 @@ class CheckpointManager:
         Raises:
             LockHeld: a live writer owns the run directory (its own policy applies).
         """
+        self._drain()
         if not dry_run:
             self._acquire_writer()
         return self._apply_retention(policy, protect=set(), dry_run=dry_run)
 
     def _apply_retention(self, policy: RetentionPolicy, protect: set[int],
                          dry_run: bool = False) -> list[CheckpointInfo]:
-        infos = self.list()
+        infos, retired = self._scan() if self._job is None else self._scan_unlocked()
         valid = [c for c in infos if c.valid]
         keep = set(policy(valid)) | protect
         if valid:
             keep.add(valid[-1].step)  # never delete the newest valid checkpoint
+        # Files of deleted checkpoints that kept (incremental) ones still read from.
+        referenced = {(ref.step, ref.name) for c in valid if c.step in keep
+                      for ref in c.manifest.refs}
         doomed = [c for c in infos if c.step not in keep]
         for info in doomed:
             why = "not kept by policy" if info.valid else info.problem
             log.info("%s checkpoint step %d (%s)", "would delete" if dry_run else "deleting",
                      info.step, why)
             if not dry_run:
-                self._delete(info)
-        if not dry_run and hasattr(self.store, "remove_temp_files"):
-            self.store.remove_temp_files(CHECKPOINTS_DIR)
+                self._delete(info.key, info.step, referenced)
+        if not dry_run:
+            for step, _names in retired.items():
+                self._delete(step_dir(step), step, referenced)
+            if hasattr(self.store, "remove_temp_files"):
+                self.store.remove_temp_files(CHECKPOINTS_DIR)
         return doomed
 
-    def _delete(self, info: CheckpointInfo) -> None:
-        keys = self.store.list(info.key)
-        manifest = f"{info.key}/{MANIFEST}"
+    def _scan_unlocked(self) -> tuple[list[CheckpointInfo], dict[int, list[str]]]:
+        """``_scan`` from inside the save thread (which must not wait for itself)."""
+        job, self._job = self._job, None
+        try:
+            return self._scan()
+        finally:
+            self._job = job
+
+    def _delete(self, key: str, step: int, referenced: set[tuple[int, str]]) -> None:
+        """Delete a checkpoint directory, keeping files that kept checkpoints reference."""
+        keep = {name for s, name in referenced if s == step}
+        keys = self.store.list(key)
+        manifest = f"{key}/{MANIFEST}"
+        if keep:
+            if f"{key}/{RETIRED}" not in keys:  # mark before un-committing: never "interrupted"
+                self.store.write(f"{key}/{RETIRED}", json.dumps(
+                    {"kept_for": "files referenced by later incremental checkpoints"}).encode())
+            keep.add(RETIRED)
         if manifest in keys:  # un-commit first: a crash mid-delete leaves no half checkpoint
             self.store.delete(manifest)
             self.store.commit()
-        for key in keys:
-            if key != manifest:
-                self.store.delete(key)
+        for file_key in keys:
+            if file_key != manifest and file_key[len(key) + 1:] not in keep:
+                self.store.delete(file_key)
         self.store.commit()
 
 

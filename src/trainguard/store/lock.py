@@ -112,6 +112,9 @@ class FileLock:
             pass
         os.close(fd)
 
+    def __del__(self) -> None:  # a dropped lock object must not hold the run forever
+        self.release()
+
     def __enter__(self) -> FileLock:
         return self.acquire()
 

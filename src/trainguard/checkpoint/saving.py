@@ -1,0 +1,139 @@
+"""The background half of a save: write shards, checksum on the fly, manifest, commit.
+
+The calling thread stages shards into host memory and hands each one to a ``SaveJob``
+thread as soon as it is staged, so writing the first shard overlaps copying the next.
+When the caller has staged everything it hands over the small final pieces (state.json,
+metrics) and returns to training; the job writes ``state.json``, then the manifest, then
+commits, then runs the manager's post-commit hook (retention).
+
+The job thread is not a daemon: a normal interpreter exit waits for the in-flight save to
+commit. An exception in the job is logged at once and kept; ``SaveHandle.wait()`` and the
+manager's next ``save``/``wait``/``close`` raise it, so it is never silently lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from trainguard.checkpoint.format import MANIFEST, STATE_FILE, FileEntry, Manifest, ShardPlan
+from trainguard.errors import CheckpointError
+
+log = logging.getLogger("trainguard.checkpoint")
+
+_ABORT = object()
+
+
+@dataclass
+class FinalPieces:
+    """What the job needs after the last shard: the rest of the checkpoint."""
+
+    state_json: bytes
+    make_manifest: Callable[[dict[str, FileEntry]], Manifest]
+    on_commit: Callable[[Manifest], None]
+
+
+class SaveJob(threading.Thread):
+    """Writes one checkpoint in the background (see module docs)."""
+
+    def __init__(self, step: int, key: str, write_file: Callable, store,
+                 started: float) -> None:
+        super().__init__(name=f"trainguard-save-{step}", daemon=False)
+        self.step, self.key, self.store = step, key, store
+        self._write_file = write_file
+        self._inbox: queue.Queue = queue.Queue()
+        self.started = started
+        self.error: BaseException | None = None
+        self.error_reported = False  # raised to the caller once, through any path
+        self.manifest: Manifest | None = None
+        self.committed_at: float | None = None
+
+    def put(self, shard: ShardPlan) -> None:
+        """Hand over a staged shard (its tensors must not change until the job ends)."""
+        self._inbox.put(shard)
+
+    def finish(self, pieces: FinalPieces) -> None:
+        """Hand over the final pieces; the job commits once every shard is written."""
+        self._inbox.put(pieces)
+
+    def abort(self) -> None:
+        """Stop without committing (the caller failed while staging)."""
+        self._inbox.put(_ABORT)
+
+    def run(self) -> None:
+        files: dict[str, FileEntry] = {}
+        try:
+            while True:
+                item = self._inbox.get()
+                if item is _ABORT:
+                    return
+                if isinstance(item, FinalPieces):
+                    break
+                files[item.name] = self._write_file(f"{self.key}/{item.name}", item.chunks())
+            files[STATE_FILE] = self._write_file(f"{self.key}/{STATE_FILE}",
+                                                 [memoryview(item.state_json)])
+            manifest = item.make_manifest(files)
+            # The manifest is written last and committed at once: its presence is the commit.
+            self.store.write(f"{self.key}/{MANIFEST}", manifest.to_bytes())
+            self.store.commit()
+            self.manifest, self.committed_at = manifest, time.monotonic()
+            item.on_commit(manifest)
+        except BaseException as exc:  # kept for the caller; never silently lost
+            self.error = exc
+            log.error("save of step %d failed: %r (it is not committed; the previous "
+                      "checkpoint is still the latest valid one)", self.step, exc)
+
+
+class SaveHandle:
+    """The result of :meth:`CheckpointManager.save`.
+
+    ``wait()`` blocks until the checkpoint is committed and returns its
+    :class:`~trainguard.checkpoint.CheckpointInfo` (None for a skipped save), or raises
+    the error that stopped it.
+    """
+
+    def __init__(self, step: int, job: SaveJob | None = None, make_info: Callable | None = None,
+                 stall_seconds: float = 0.0) -> None:
+        self.step = step
+        self._job = job
+        self._make_info = make_info
+        #: seconds the calling thread was blocked by ``save`` (snapshot time).
+        self.stall_seconds = stall_seconds
+
+    @property
+    def skipped(self) -> bool:
+        """True when this save was skipped because another one was still in flight."""
+        return self._job is None
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed or failed)."""
+        return self._job is None or not self._job.is_alive()
+
+    def wait(self, timeout: float | None = None):
+        """Block until committed; returns the checkpoint's info (None if skipped).
+
+        Raises:
+            TimeoutError: not finished within ``timeout`` seconds.
+            CheckpointError: the background write failed (the cause is chained).
+        """
+        if self._job is None:
+            return None
+        self._job.join(timeout)
+        if self._job.is_alive():
+            raise TimeoutError(f"save of step {self.step} still running after {timeout} s")
+        if self._job.error is not None:
+            self._job.error_reported = True
+            raise CheckpointError(f"save of step {self.step} failed: {self._job.error!r}") \
+                from self._job.error
+        return self._make_info(self._job.manifest)
+
+    @property
+    def seconds_to_durable(self) -> float | None:
+        """Seconds from the ``save`` call to the commit (None until committed)."""
+        if self._job is None or self._job.committed_at is None:
+            return None
+        return self._job.committed_at - self._job.started

@@ -1,0 +1,181 @@
+"""The part of a save that blocks training: copying tensors into host memory.
+
+``HostArena`` is one reusable host buffer (pinned when CUDA is in use) that every save
+copies its tensors into; it is allocated once and grown when the state grows, so a save
+costs no allocation and its extra host memory is the state's size plus alignment. CUDA
+copies run non-blocking on a dedicated stream that first waits for the training stream,
+so they see every kernel queued before ``save``; the stream is synchronized before
+``save`` returns, after which the loop may mutate parameters freely.
+
+``ChangeTracker`` lets an incremental save skip tensors that did not change since the
+previous save without hashing them on the device. A tensor counts as unchanged when all
+of these match what they were at the previous save:
+
+* its storage pointer, offset, shape, stride, dtype and device (same memory), and
+* torch's version counter, which every in-place op bumps (optimizer steps, ``copy_``,
+  ``add_`` under ``no_grad``, ``load_state_dict``), and
+* a fingerprint of 64 evenly spaced elements (one small gather + one tiny device-to-host
+  copy for all tensors together), which catches writes that bypass the version counter
+  (``tensor.data.add_()``, numpy or DLPack aliases) in any tensor updated as a whole.
+
+A write that bypasses the version counter *and* leaves all 64 sampled elements
+unchanged would go unseen; that is why incremental saves are opt-in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+_ALIGN = 64
+_SAMPLES = 64
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class HostArena:
+    """Reusable host staging memory for snapshots (one save at a time uses it)."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self._offset = 0
+        self._stream = None
+        self.pinned = False
+
+    @property
+    def capacity(self) -> int:
+        """Bytes currently allocated."""
+        return 0 if self._buffer is None else self._buffer.numel()
+
+    def reset(self, total_bytes: int, pin: bool) -> None:
+        """Prepare for a snapshot of ``total_bytes`` (plus alignment); grows if needed."""
+        if self._buffer is None or self._buffer.numel() < total_bytes or (pin and not self.pinned):
+            self._buffer = None  # free the old one before allocating its successor
+            pin = pin and torch.cuda.is_available()
+            self._buffer = torch.empty(total_bytes, dtype=torch.uint8, pin_memory=pin)
+            self.pinned = pin
+        self._offset = 0
+
+    @staticmethod
+    def bytes_needed(tensors: list[torch.Tensor]) -> int:
+        """Arena bytes for ``tensors`` including per-tensor alignment."""
+        return sum(_aligned(t.numel() * t.element_size()) for t in tensors)
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Copy ``tensor`` into the arena and return the (contiguous, CPU) copy.
+
+        CUDA copies are only queued here; call :meth:`synchronize` before using them.
+        """
+        nbytes = tensor.numel() * tensor.element_size()
+        assert self._buffer is not None and self._offset + nbytes <= self._buffer.numel()
+        raw = self._buffer[self._offset:self._offset + nbytes]
+        self._offset += _aligned(nbytes)
+        dst = raw.view(tensor.dtype).view(tensor.shape) if nbytes else \
+            torch.empty(tensor.shape, dtype=tensor.dtype)
+        if nbytes == 0:
+            return dst
+        if tensor.device.type == "cuda":
+            stream = self._cuda_stream(tensor.device)
+            with torch.cuda.stream(stream):
+                dst.copy_(tensor, non_blocking=True)
+        else:
+            dst.copy_(tensor)
+        return dst
+
+    def _cuda_stream(self, device: torch.device):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+            self._stream.wait_stream(torch.cuda.current_stream(device))
+        return self._stream
+
+    def synchronize(self) -> None:
+        """Wait for queued device-to-host copies; after this the snapshot is consistent."""
+        if self._stream is not None:
+            self._stream.synchronize()
+            self._stream = None  # a fresh wait on the training stream for the next save
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tuple(tensor.stride()), tensor.dtype, str(tensor.device), tensor._version)
+
+
+def fingerprints(tensors: list[torch.Tensor]) -> list[str]:
+    """A hash of 64 evenly spaced elements of each tensor, with one device-to-host copy
+    per device."""
+    samples = []
+    for tensor in tensors:
+        flat = tensor.reshape(-1)
+        n = flat.numel()
+        if n == 0:
+            samples.append(torch.empty(0, dtype=torch.uint8, device=tensor.device))
+            continue
+        idx = torch.linspace(0, n - 1, steps=min(n, _SAMPLES), device=tensor.device).long()
+        samples.append(flat[idx].contiguous().view(-1).view(torch.uint8))
+    by_device: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_device.setdefault(str(sample.device), []).append(i)
+    host: list[bytes] = [b""] * len(samples)
+    for indices in by_device.values():
+        joined = torch.cat([samples[i] for i in indices]).cpu().numpy().tobytes()
+        pos = 0
+        for i in indices:
+            size = samples[i].numel()
+            host[i] = joined[pos:pos + size]
+            pos += size
+    return [xxhash.xxh3_64(b).hexdigest() for b in host]
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a tensor's bytes live on the store: a checkpoint, a file, a name in it."""
+
+    step: int
+    file: str
+    name: str
+
+
+@dataclass(frozen=True)
+class _Seen:
+    identity: tuple
+    fingerprint: str
+    location: Location
+
+
+class ChangeTracker:
+    """Remembers each tensor as it was at the last committed save (see module docs)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, _Seen] = {}
+
+    def split(self, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+        """Split into (changed tensors, unchanged name -> Location, name -> (id, fp)).
+
+        The third item is what :meth:`commit` records once the save has committed.
+        """
+        names = list(tensors)
+        prints = fingerprints([tensors[n] for n in names])
+        changed, unchanged, observed = {}, {}, {}
+        for name, fingerprint in zip(names, prints):
+            tensor = tensors[name]
+            identity = _identity(tensor)
+            observed[name] = (identity, fingerprint)
+            seen = self._seen.get(name)
+            if seen is not None and seen.identity == identity and seen.fingerprint == fingerprint:
+                unchanged[name] = seen.location
+            else:
+                changed[name] = tensor
+        return changed, unchanged, observed
+
+    def commit(self, observed: dict, locations: dict[str, Location]) -> None:
+        """Record the committed save: every tensor's identity and where its bytes are."""
+        self._seen = {name: _Seen(identity, fingerprint, locations[name])
+                      for name, (identity, fingerprint) in observed.items()}
+
+    def forget(self) -> None:
+        """Drop what is known (after a failed save or a restore): the next save is full."""
+        self._seen = {}
