@@ -304,8 +304,8 @@ class CheckpointManager:
         def on_commit(manifest: Manifest) -> None:
             self._after_commit(job, manifest, observed, locations)
 
-        job.finish(FinalPieces(state_json, make_manifest, on_commit))
         self._job = job
+        job.finish(FinalPieces(state_json, make_manifest, on_commit))
         handle = SaveHandle(step, job, lambda m: CheckpointInfo(step, key, m),
                             stall_seconds=time.monotonic() - started)
         if blocking:
@@ -348,9 +348,14 @@ class CheckpointManager:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _scan(self) -> tuple[list[CheckpointInfo], dict[int, list[str]]]:
-        """(checkpoint directories, retired directories -> their remaining files)."""
-        self._drain()
+    def _scan(self, drain: bool = True) -> tuple[list[CheckpointInfo], dict[int, list[str]]]:
+        """(checkpoint directories, retired directories -> their remaining files).
+
+        ``drain`` waits for the in-flight save first; the save thread itself (running
+        retention) passes False.
+        """
+        if drain:
+            self._drain()
         by_step: dict[int, list[str]] = {}
         for key in self.store.list(CHECKPOINTS_DIR):
             parts = key.split("/")
@@ -523,7 +528,7 @@ class CheckpointManager:
 
     def _apply_retention(self, policy: RetentionPolicy, protect: set[int],
                          dry_run: bool = False) -> list[CheckpointInfo]:
-        infos, retired = self._scan() if self._job is None else self._scan_unlocked()
+        infos, retired = self._scan(drain=False)  # callers have drained, or are the save
         valid = [c for c in infos if c.valid]
         keep = set(policy(valid)) | protect
         if valid:
@@ -544,14 +549,6 @@ class CheckpointManager:
             if hasattr(self.store, "remove_temp_files"):
                 self.store.remove_temp_files(CHECKPOINTS_DIR)
         return doomed
-
-    def _scan_unlocked(self) -> tuple[list[CheckpointInfo], dict[int, list[str]]]:
-        """``_scan`` from inside the save thread (which must not wait for itself)."""
-        job, self._job = self._job, None
-        try:
-            return self._scan()
-        finally:
-            self._job = job
 
     def _delete(self, key: str, step: int, referenced: set[tuple[int, str]]) -> None:
         """Delete a checkpoint directory, keeping files that kept checkpoints reference."""

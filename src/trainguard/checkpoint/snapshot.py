@@ -43,7 +43,8 @@ class HostArena:
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
         self._offset = 0
-        self._stream = None
+        self._streams: dict[torch.device, object] = {}
+        self._waited: set[torch.device] = set()  # streams already ordered after training
         self.pinned = False
 
     @property
@@ -87,16 +88,21 @@ class HostArena:
         return dst
 
     def _cuda_stream(self, device: torch.device):
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=device)
-            self._stream.wait_stream(torch.cuda.current_stream(device))
-        return self._stream
+        """The copy stream of ``device``; it first waits for everything already queued
+        on the training stream, so the copies see the values as of the ``save`` call."""
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        if device not in self._waited:
+            stream.wait_stream(torch.cuda.current_stream(device))
+            self._waited.add(device)
+        return stream
 
     def synchronize(self) -> None:
         """Wait for queued device-to-host copies; after this the snapshot is consistent."""
-        if self._stream is not None:
-            self._stream.synchronize()
-            self._stream = None  # a fresh wait on the training stream for the next save
+        for device in self._waited:
+            self._streams[device].synchronize()
+        self._waited.clear()  # the next shard or save orders itself after training again
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
