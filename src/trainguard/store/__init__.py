@@ -6,16 +6,18 @@ import os
 
 from trainguard.store.base import Store, check_key
 from trainguard.store.local import LocalStore
+from trainguard.store.object import SCHEMES, ObjectStore
 
-__all__ = ["LocalStore", "Store", "check_key", "open_store"]
+__all__ = ["LocalStore", "ObjectStore", "Store", "check_key", "open_store"]
 
 
 def open_store(target: str | os.PathLike | Store) -> Store:
-    """Return a :class:`Store` for a path, a ``file://`` URL, or an existing store.
+    """Return a :class:`Store` for a path, a URL, or an existing store.
 
     Args:
-        target: a directory path, ``file:///abs/path``, or an object already
-            implementing :class:`Store` (returned as is).
+        target: a directory path, ``file:///abs/path``, ``s3://bucket/prefix`` (also
+            ``gs://``, ``az://``...), or an object implementing :class:`Store` (returned
+            as is).
 
     Raises:
         ValueError: the URL scheme has no backend in this installation.
@@ -27,8 +29,10 @@ def open_store(target: str | os.PathLike | Store) -> Store:
         scheme, _, rest = text.partition("://")
         if scheme == "file":
             return LocalStore(rest)
+        if scheme in SCHEMES:
+            return ObjectStore(text)
         raise ValueError(
-            f"no storage backend for {scheme}:// URLs in this version of trainguard; "
-            f"use a local directory path"
+            f"no storage backend for {scheme}:// URLs; use a directory path or one of "
+            + ", ".join(f"{s}://" for s in ("file", *SCHEMES))
         )
     return LocalStore(text)
