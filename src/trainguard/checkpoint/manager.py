@@ -26,7 +26,7 @@ import platform
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ from trainguard.checkpoint.format import (
     plan_shards,
     step_dir,
 )
+from trainguard.checkpoint.mirror import Mirror
 from trainguard.checkpoint.retention import RetentionPolicy
 from trainguard.checkpoint.saving import FinalPieces, SaveHandle, SaveJob
 from trainguard.checkpoint.snapshot import ChangeTracker, HostArena, Location
@@ -57,6 +58,7 @@ from trainguard.errors import (
     CheckpointExists,
     CheckpointNotFound,
     StateMismatch,
+    StoreError,
 )
 from trainguard.store import Store, open_store
 
@@ -81,6 +83,7 @@ class CheckpointInfo:
     key: str
     manifest: Manifest | None
     problem: str | None = None
+    tier: str = "primary"  # or "mirror": the remote copy of a two-tier manager
 
     @property
     def valid(self) -> bool:
@@ -156,7 +159,8 @@ class CheckpointManager:
 
     def __init__(self, store: str | Store, *, keep: RetentionPolicy | None = None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, incremental: bool = False,
-                 if_busy: str = "wait") -> None:
+                 if_busy: str = "wait", mirror: str | Store | None = None,
+                 mirror_timeout: float = 600.0) -> None:
         if keep is not None and not callable(keep):
             raise TypeError(f"keep must be a retention policy such as keep_last(3), got {keep!r}")
         if max_shard_bytes < 1:
@@ -174,6 +178,12 @@ class CheckpointManager:
         self._job: SaveJob | None = None
         self._error: BaseException | None = None  # of a background save, not yet raised
         self._ref_entries: dict[tuple[int, str], FileEntry] = {}  # files a next save may reuse
+        self.mirror_timeout = mirror_timeout
+        self.remote: CheckpointManager | None = None
+        self._mirror: Mirror | None = None
+        if mirror is not None:
+            self.remote = CheckpointManager(mirror, max_shard_bytes=max_shard_bytes)
+            self._mirror = Mirror(self.store, self.remote.store, after_upload=self._remote_retention)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -209,7 +219,10 @@ class CheckpointManager:
         self._raise_pending()
 
     def close(self) -> None:
-        """Finish the in-flight save, then release the writer lock.
+        """Finish the in-flight save and (two tiers) its upload, then release the lock.
+
+        The upload is waited for at most ``mirror_timeout`` seconds; past that an error
+        is logged and the remote tier stays at its newest uploaded step.
 
         Raises:
             CheckpointError: a background save failed (the lock is released anyway).
@@ -217,8 +230,32 @@ class CheckpointManager:
         try:
             self._raise_pending()
         finally:
+            if self._mirror is not None and not self._mirror.close(self.mirror_timeout):
+                log.error("upload to %s did not finish within %.0f s; the remote tier's "
+                          "newest step is %s", self.remote.store.url, self.mirror_timeout,
+                          self._mirror.uploaded_step)
             if self._lock is not None:
                 self._lock.release()
+
+    def tiers(self) -> dict[str, int | None]:
+        """Newest valid step of each tier: ``{"primary": 120, "mirror": 100}``."""
+        newest = {"primary": _newest(self.list())}
+        if self.remote is not None:
+            newest["mirror"] = _newest(self._remote_list())
+        return newest
+
+    def _remote_list(self) -> list[CheckpointInfo]:
+        """The mirror's checkpoints; an unreachable mirror is logged, not fatal."""
+        try:
+            return self.remote.list() if self.remote is not None else []
+        except StoreError as exc:
+            log.warning("cannot list the mirror %s (%s); using local checkpoints only",
+                        self.remote.store.url, exc)
+            return []
+
+    def _remote_retention(self, step: int) -> None:
+        if self.keep is not None and self.remote is not None:
+            self.remote._apply_retention(self.keep, protect={step})
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -335,6 +372,8 @@ class CheckpointManager:
         self._ref_entries = entries
         if observed is not None:
             self._tracker.commit(observed, locations)
+        if self._mirror is not None:
+            self._mirror.enqueue(manifest.step)
         if self.keep is not None:
             try:
                 self._apply_retention(self.keep, protect={manifest.step})
@@ -409,11 +448,24 @@ class CheckpointManager:
         return CheckpointInfo(step, key, manifest)
 
     def latest_valid(self) -> CheckpointInfo | None:
-        """The newest checkpoint that passes the cheap check, or None."""
-        for info in reversed(self.list()):
+        """The newest checkpoint that passes the cheap check, or None.
+
+        With two tiers, the newer of the primary's and the mirror's (``info.tier``
+        says which), so a fresh machine finds the checkpoints in the bucket.
+        """
+        for info in self._candidates():
             if info.valid:
                 return info
         return None
+
+    def _candidates(self) -> list[CheckpointInfo]:
+        """Checkpoints of every tier, newest first; the primary first at equal steps."""
+        infos = list(self.list())
+        infos += [replace(i, tier="mirror") for i in self._remote_list()]
+        return sorted(infos, key=lambda i: (i.step, i.tier == "primary"), reverse=True)
+
+    def _tier(self, info: CheckpointInfo) -> CheckpointManager:
+        return self.remote if info.tier == "mirror" and self.remote is not None else self
 
     def _info(self, step: int) -> CheckpointInfo:
         for info in self.list():
@@ -492,13 +544,13 @@ class CheckpointManager:
         if step is not None:
             candidates = [self._info(step)]
         else:
-            candidates = list(reversed(self.list()))
+            candidates = self._candidates()
         skipped = []
         for info in candidates:
             try:
                 if not info.valid:
                     raise CheckpointCorrupt(f"{info.key}: {info.problem}")
-                tree, tensors = self._read_verified(info)
+                tree, tensors = self._tier(info)._read_verified(info)
             except CheckpointCorrupt as exc:
                 if step is not None:
                     raise
@@ -508,7 +560,7 @@ class CheckpointManager:
             if not isinstance(tree, dict):
                 raise StateMismatch(f"{info.key}/{STATE_FILE}: top level is not a dict")
             restore_into(state, tree, tensors)
-            log.info("restored step %d from %s", info.step, self.store.url)
+            log.info("restored step %d from %s", info.step, self._tier(info).store.url)
             return info.step
         detail = f" (skipped unusable steps: {skipped})" if skipped else ""
         raise CheckpointNotFound(f"no valid checkpoint to restore in {self.store.url}{detail}")
@@ -567,6 +619,11 @@ class CheckpointManager:
             if file_key != manifest and file_key[len(key) + 1:] not in keep:
                 self.store.delete(file_key)
         self.store.commit()
+
+
+def _newest(infos: list[CheckpointInfo]) -> int | None:
+    steps = [i.step for i in infos if i.valid]
+    return max(steps) if steps else None
 
 
 def human_bytes(n: float) -> str:

@@ -14,6 +14,7 @@ timeouts) are retried with exponential backoff by obstore's retry layer.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -95,7 +96,8 @@ class ObjectStore:
     def _error(self, action: str, key: str, exc: Exception) -> Exception:
         if isinstance(exc, FileNotFoundError) or type(exc).__name__ == "NotFoundError":
             return FileNotFoundError(f"{self._url}/{key} does not exist")
-        return StoreError(f"cannot {action} {self._url}/{key}: {exc}")
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        return StoreError(f"cannot {action} {self._url}/{key}: {first_line[:300]}")
 
     def write(self, key: str, data: Data) -> int:
         """Upload ``data`` at ``key`` (multipart above 16 MiB); atomic per object."""
@@ -108,9 +110,14 @@ class ObjectStore:
                 total += len(view)
                 yield view
 
+        parts = _rechunk(counted(), _PART)
+        first = next(parts)
         try:
-            self._obs.put(self._store, path, _rechunk(counted(), _PART), chunk_size=_PART,
-                          max_concurrency=self.concurrency)
+            if len(first) < _PART:  # the whole object: one plain PUT, no multipart
+                self._obs.put(self._store, path, first, use_multipart=False)
+            else:
+                self._obs.put(self._store, path, itertools.chain([first], parts),
+                              chunk_size=_PART, max_concurrency=self.concurrency)
         except Exception as exc:
             raise self._error("write", key, exc) from exc
         return total

@@ -1,0 +1,147 @@
+"""Two tiers: save to fast local disk, then upload each committed checkpoint to a remote
+store (a bucket) in the background.
+
+The remote copy counts only once its manifest has landed there: the uploader copies a
+checkpoint's files (and any earlier files an incremental checkpoint refers to) first and
+its manifest last, so a reader of the bucket never sees a half-uploaded checkpoint.
+A failing upload is retried with exponential backoff, forever, in its own thread; it
+never blocks training. When uploads fall behind, only the newest committed checkpoint is
+uploaded (older ones are superseded). The remote tier gets the same retention policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from trainguard.checkpoint.format import MANIFEST, Manifest, step_dir
+from trainguard.store.base import Store
+
+log = logging.getLogger("trainguard.mirror")
+
+
+class Mirror:
+    """Background uploader of committed checkpoints from ``primary`` to ``remote``.
+
+    Args:
+        primary: the store checkpoints are committed to first (local disk).
+        remote: the store they are copied to (a bucket).
+        after_upload: called with the step after each successful upload (retention).
+        initial_delay: first retry delay in seconds; doubles up to ``max_delay``.
+        sleep: injectable for tests.
+    """
+
+    def __init__(self, primary: Store, remote: Store, *,
+                 after_upload: Callable[[int], None] | None = None,
+                 initial_delay: float = 1.0, max_delay: float = 60.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.primary, self.remote = primary, remote
+        self.after_upload = after_upload
+        self.initial_delay, self.max_delay = initial_delay, max_delay
+        self._sleep = sleep
+        self._cond = threading.Condition()
+        self._pending: int | None = None  # newest committed step not yet uploaded
+        self._busy = False
+        self._closed = False
+        #: newest step whose manifest landed on the remote (None before the first).
+        self.uploaded_step: int | None = None
+        #: the last upload error (kept until an upload succeeds).
+        self.last_error: BaseException | None = None
+        # key -> checksum of files this process uploaded. Only these are skipped: an object
+        # left on the remote by someone else may hold other bytes under the same name.
+        self._sent: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._loop, name="trainguard-mirror", daemon=True)
+        self._thread.start()
+
+    def enqueue(self, step: int) -> None:
+        """Ask for ``step`` (just committed on the primary) to be uploaded."""
+        with self._cond:
+            if self._pending is None or step > self._pending:
+                self._pending = step
+            self._cond.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is pending; False when ``timeout`` ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending is not None or self._busy:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Drain (up to ``timeout``), then stop the thread. Returns whether it drained."""
+        drained = self.drain(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        return drained
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._closed and self._pending is None:
+                    return
+                step, self._pending, self._busy = self._pending, None, True
+            try:
+                self._upload_with_retries(step)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _upload_with_retries(self, step: int) -> None:
+        delay = self.initial_delay
+        while True:
+            try:
+                if self._upload(step):
+                    self.uploaded_step = step if self.uploaded_step is None \
+                        else max(step, self.uploaded_step)
+                    self.last_error = None
+                    if self.after_upload is not None:
+                        self.after_upload(step)
+                return
+            except Exception as exc:  # logged, retried; never kills the thread
+                self.last_error = exc
+                with self._cond:
+                    if self._closed or (self._pending is not None and self._pending > step):
+                        return  # superseded by a newer checkpoint, or shutting down
+                log.warning("upload of step %d to %s failed (%r); retrying in %.1f s",
+                            step, self.remote.url, exc, delay)
+                self._sleep(delay)
+                delay = min(self.max_delay, delay * 2)
+
+    def _upload(self, step: int) -> bool:
+        """Copy one committed checkpoint, manifest last. False if it vanished locally."""
+        key = step_dir(step)
+        try:
+            raw = self.primary.read(f"{key}/{MANIFEST}")
+        except FileNotFoundError:
+            log.info("step %d was deleted locally before its upload; skipped", step)
+            return False
+        manifest = Manifest.from_bytes(raw, f"{key}/{MANIFEST}")
+        started = time.monotonic()
+        pieces = [(f"{key}/{name}", entry.checksum) for name, entry in manifest.files.items()]
+        pieces += [(ref.key, ref.checksum) for ref in manifest.refs]
+        for file_key, digest in pieces:
+            if self._sent.get(file_key) == digest:
+                continue  # sent by an earlier try, or shared with an earlier checkpoint
+            try:
+                data = self.primary.read(file_key)
+            except FileNotFoundError:
+                log.info("step %d lost %s locally before its upload; skipped", step, file_key)
+                return False
+            self.remote.write(file_key, data)
+            self._sent[file_key] = digest
+        # The manifest goes last: only now does the remote copy exist for readers.
+        self.remote.write(f"{key}/{MANIFEST}", bytes(raw))
+        self.remote.commit()
+        log.info("uploaded step %d to %s (%.1f s)", step, self.remote.url,
+                 time.monotonic() - started)
+        return True
