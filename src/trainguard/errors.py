@@ -11,7 +11,8 @@ Every error trainguard raises on purpose derives from :class:`TrainguardError`, 
     │   ├── CheckpointNotFound         nothing valid to restore (also a FileNotFoundError)
     │   ├── CheckpointExists           a committed checkpoint already holds that step
     │   └── StateMismatch              saved state does not fit the object restored into
-    └── LockHeld                       another live writer owns the run directory
+    ├── LockHeld                       another live writer owns the run directory
+    └── DataGateFailed                 the dataset is empty, stale or fails a requirement
 
 Each user-facing error carries ``exit_code`` (the CLI exits with it) and a message that
 names the thing at fault and the fix. Lower-layer errors (``OSError``) are translated at
@@ -65,3 +66,9 @@ class LockHeld(TrainguardError):
     """Another live process holds the run directory's writer lock."""
 
     exit_code = 3
+
+
+class DataGateFailed(TrainguardError):
+    """The dataset is missing, stale, or its totals fail a requirement; no step was run."""
+
+    exit_code = 4

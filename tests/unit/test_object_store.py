@@ -36,3 +36,24 @@ def test_checkpoints_in_a_bucket(s3_env):
     assert CheckpointManager(f"s3://{s3_env}/run").restore(fresh) == 4
     assert torch.equal(fresh["w"], state["w"]) and fresh["step"] == 3
     assert mgr.verify(4).valid
+
+
+def test_cli_takes_store_urls(s3_env):
+    from click.testing import CliRunner
+
+    from trainguard.cli import cli
+
+    url = f"s3://{s3_env}/cli-run"
+    mgr = CheckpointManager(url)
+    for step in (1, 2, 3):
+        mgr.save(step, {"w": torch.full((10,), float(step))}, metrics={"loss": step})
+    mgr.close()
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["ls", url])
+    assert listed.exit_code == 0 and [l.split()[0] for l in listed.output.splitlines()[1:]] == ["1", "2", "3"]
+    assert runner.invoke(cli, ["verify", url]).exit_code == 0
+    gc = runner.invoke(cli, ["gc", url, "--keep-last", "1"])
+    assert gc.exit_code == 0 and "deleted 2" in gc.output
+    assert [c.step for c in CheckpointManager(url).list()] == [3]
+    empty = runner.invoke(cli, ["ls", f"s3://{s3_env}/nothing-here"])
+    assert empty.exit_code == 2 and "holds no checkpoints" in empty.output

@@ -14,6 +14,7 @@ import click
 
 from trainguard import __version__
 from trainguard.cli.checkpoints import gc_command, ls_command, verify_command
+from trainguard.cli.data import data_group
 from trainguard.errors import TrainguardError
 
 
@@ -34,7 +35,8 @@ class _Group(click.Group):
 def cli(quiet: bool) -> None:
     """trainguard: training runs that never lose progress.
 
-    Inspect, verify and prune the checkpoints of a run directory.
+    Inspect, verify and prune the checkpoints of a run directory (a path or a
+    store URL such as s3://bucket/runs/exp1), and gate runs on their data.
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -47,6 +49,7 @@ def cli(quiet: bool) -> None:
 cli.add_command(ls_command)
 cli.add_command(verify_command)
 cli.add_command(gc_command)
+cli.add_command(data_group)
 
 
 def main() -> None:
