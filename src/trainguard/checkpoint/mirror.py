@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from trainguard.checkpoint.format import MANIFEST, Manifest, step_dir
+from trainguard.checkpoint.format import MANIFEST, RETIRED, Manifest, step_dir
 from trainguard.store.base import Store
 
 log = logging.getLogger("trainguard.mirror")
@@ -119,29 +119,49 @@ class Mirror:
 
     def _upload(self, step: int) -> bool:
         """Copy one committed checkpoint, manifest last. False if it vanished locally."""
-        key = step_dir(step)
-        try:
-            raw = self.primary.read(f"{key}/{MANIFEST}")
-        except FileNotFoundError:
+        started = time.monotonic()
+        if copy_checkpoint(self.primary, self.remote, step, self._sent) is None:
             log.info("step %d was deleted locally before its upload; skipped", step)
             return False
-        manifest = Manifest.from_bytes(raw, f"{key}/{MANIFEST}")
-        started = time.monotonic()
-        pieces = [(f"{key}/{name}", entry.checksum) for name, entry in manifest.files.items()]
-        pieces += [(ref.key, ref.checksum) for ref in manifest.refs]
-        for file_key, digest in pieces:
-            if self._sent.get(file_key) == digest:
-                continue  # sent by an earlier try, or shared with an earlier checkpoint
-            try:
-                data = self.primary.read(file_key)
-            except FileNotFoundError:
-                log.info("step %d lost %s locally before its upload; skipped", step, file_key)
-                return False
-            self.remote.write(file_key, data)
-            self._sent[file_key] = digest
-        # The manifest goes last: only now does the remote copy exist for readers.
-        self.remote.write(f"{key}/{MANIFEST}", bytes(raw))
-        self.remote.commit()
         log.info("uploaded step %d to %s (%.1f s)", step, self.remote.url,
                  time.monotonic() - started)
         return True
+
+
+def copy_checkpoint(source: Store, dest: Store, step: int,
+                    sent: dict[str, str] | None = None) -> Manifest | None:
+    """Copy the committed checkpoint ``step`` from ``source`` to ``dest``, manifest last,
+    so that it appears at ``dest`` whole or not at all. Returns its manifest, or None when
+    ``source`` lost it (deleted by retention) before or during the copy.
+
+    Args:
+        sent: key -> checksum of files already copied by this process; they are skipped
+            (an object someone else left at ``dest`` may hold other bytes: never trusted).
+    """
+    sent = {} if sent is None else sent
+    key = step_dir(step)
+    try:
+        raw = source.read(f"{key}/{MANIFEST}")
+    except FileNotFoundError:
+        return None
+    manifest = Manifest.from_bytes(raw, f"{key}/{MANIFEST}")
+    pieces = [(f"{key}/{name}", entry.checksum) for name, entry in manifest.files.items()]
+    pieces += [(ref.key, ref.checksum) for ref in manifest.refs]
+    for file_key, digest in pieces:
+        if sent.get(file_key) == digest:
+            continue
+        try:
+            data = source.read(file_key)
+        except FileNotFoundError:
+            return None
+        dest.write(file_key, data)
+        sent[file_key] = digest
+    for ref_step in {ref.step for ref in manifest.refs}:
+        ref_dir = step_dir(ref_step)
+        if not dest.exists(f"{ref_dir}/{MANIFEST}") and not dest.exists(f"{ref_dir}/{RETIRED}"):
+            # Only shared files live there: mark it, or readers would call it interrupted.
+            dest.write(f"{ref_dir}/{RETIRED}", b'{"kept_for": "referenced files"}')
+    # The manifest goes last: only now does the copy exist for readers.
+    dest.write(f"{key}/{MANIFEST}", bytes(raw))
+    dest.commit()
+    return manifest
