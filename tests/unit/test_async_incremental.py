@@ -152,3 +152,12 @@ def test_gc_sweeps_retired_files_once_nothing_references_them(tmp_path):
     mgr.save(4, state, blocking=True)
     mgr.gc(keep_last(1))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000004"]
+
+
+def test_fingerprint_of_tensors_past_float32_exact_indices():
+    from trainguard.checkpoint.snapshot import fingerprints
+
+    big = torch.zeros(2**24 + 3, dtype=torch.uint8)
+    before = fingerprints([big])
+    big[-1] = 7  # the last element is always sampled
+    assert fingerprints([big]) != before

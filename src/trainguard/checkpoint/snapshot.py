@@ -120,7 +120,9 @@ def fingerprints(tensors: list[torch.Tensor]) -> list[str]:
         if n == 0:
             samples.append(torch.empty(0, dtype=torch.uint8, device=tensor.device))
             continue
-        idx = torch.linspace(0, n - 1, steps=min(n, _SAMPLES), device=tensor.device).long()
+        k = min(n, _SAMPLES)
+        # Integer arithmetic: float32 linspace rounds the last index up to n past 2**24.
+        idx = torch.arange(k, device=tensor.device, dtype=torch.int64) * (n - 1) // max(1, k - 1)
         samples.append(flat[idx].contiguous().view(-1).view(torch.uint8))
     by_device: dict[str, list[int]] = {}
     for i, sample in enumerate(samples):

@@ -309,6 +309,8 @@ class LocalStore:
         leaves the device idle between requests: ~0.69 s vs ~0.89 s per GB here)."""
         padded = -(-size // _ALIGN) * _ALIGN
         buf = mmap.mmap(-1, padded)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            buf.madvise(mmap.MADV_HUGEPAGE)  # 512x fewer page faults filling the buffer
         view = memoryview(buf)
         step = self._pool.size
 
