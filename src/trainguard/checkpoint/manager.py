@@ -187,7 +187,12 @@ class CheckpointManager:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def _acquire_writer(self) -> None:
+    def acquire_writer(self) -> None:
+        """Take the run directory's writer lock now (saves and gc take it anyway).
+
+        Raises:
+            LockHeld: another live process writes this run directory.
+        """
         if self._lock is None:
             make_lock = getattr(self.store, "lock", None)
             if make_lock is None:
@@ -301,7 +306,7 @@ class CheckpointManager:
                      step, self._job.step)
             return SaveHandle(step)
         self._raise_pending()
-        self._acquire_writer()
+        self.acquire_writer()
         if self.store.exists(f"{key}/{MANIFEST}"):
             raise CheckpointExists(
                 f"step {step} is already committed at {self.store.url}/{key}; "
@@ -575,7 +580,7 @@ class CheckpointManager:
         """
         self._drain()
         if not dry_run:
-            self._acquire_writer()
+            self.acquire_writer()
         return self._apply_retention(policy, protect=set(), dry_run=dry_run)
 
     def _apply_retention(self, policy: RetentionPolicy, protect: set[int],

@@ -1,0 +1,1 @@
+"""Child processes for the Run integration tests (started with ``python -m``)."""
