@@ -15,6 +15,14 @@ import click
 from trainguard import __version__
 from trainguard.cli.checkpoints import gc_command, ls_command, verify_command
 from trainguard.cli.data import data_group
+from trainguard.cli.jobs import (
+    logs_command,
+    ps_command,
+    run_command,
+    status_command,
+    stop_command,
+    sync_command,
+)
 from trainguard.errors import TrainguardError
 
 
@@ -50,6 +58,9 @@ cli.add_command(ls_command)
 cli.add_command(verify_command)
 cli.add_command(gc_command)
 cli.add_command(data_group)
+for _command in (run_command, ps_command, status_command, logs_command, stop_command,
+                 sync_command):
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -1,0 +1,315 @@
+"""``trainguard run | ps | status | logs | stop | sync``: jobs that survive their launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from trainguard.checkpoint.manager import human_bytes
+from trainguard.errors import TrainguardError
+from trainguard.launch import (
+    JobSpec,
+    JobTable,
+    RetryPolicy,
+    format_duration,
+    launch,
+    parse_duration,
+    sync_once,
+    watch,
+)
+from trainguard.launch.jobs import FINAL
+
+
+class Duration(click.ParamType):
+    """A duration option: ``90``, ``45s``, ``30m``, ``12h``, ``1h30m``, ``2d``."""
+
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+
+
+def _env_pairs(pairs: tuple[str, ...]) -> dict:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
+        env[key] = value
+    return env
+
+
+@click.command("run", context_settings={"ignore_unknown_options": False})
+@click.argument("script")
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--run-dir", default="", help="The script's run directory (default runs/SCRIPT); "
+              "exported as TRAINGUARD_RUN_DIR.")
+@click.option("--name", default="", help="A label for `trainguard ps` (default: script name).")
+@click.option("--detach", is_flag=True, help="Return at once; the job runs on in the background.")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Failed attempts retried (preemptions do not count).")
+@click.option("--retry-delay", type=DURATION, default="10s", show_default=True,
+              help="Wait before the first retry.")
+@click.option("--backoff", type=click.FloatRange(1, 100), default=2.0, show_default=True,
+              help="Each further retry waits this many times longer.")
+@click.option("--max-delay", type=DURATION, default="10m", show_default=True,
+              help="Longest wait between retries.")
+@click.option("--timeout", type=DURATION, default=None,
+              help="Per attempt, e.g. 12h: then save, stop, and retry.")
+@click.option("--hang-timeout", type=DURATION, default=None,
+              help="No progress in the heartbeat for this long: stop and retry.")
+@click.option("--stop-grace", type=DURATION, default="30s", show_default=True,
+              help="Between SIGTERM (save and exit) and SIGKILL.")
+@click.option("--gpu-hourly-usd", type=click.FloatRange(min=0), default=None,
+              help="Price of the machine per hour, for cost accounting.")
+@click.option("--budget-usd", type=click.FloatRange(min=0), default=None,
+              help="Stop gracefully before the cost would exceed this.")
+@click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Environment variable for the script (repeatable).")
+def run_command(script, script_args, run_dir, name, detach, retries, retry_delay, backoff,
+                max_delay, timeout, hang_timeout, stop_grace, gpu_hourly_usd, budget_usd,
+                env_pairs) -> None:
+    """Run SCRIPT under a supervisor: retries, timeouts, hang detection, always resume.
+
+    Arguments after `--` go to the script:
+    trainguard run train.py --retries 5 --timeout 12h -- --lr 3e-4
+    """
+    try:
+        spec = JobSpec(script, tuple(script_args), run_dir=run_dir, name=name,
+                       retry=RetryPolicy(retries, retry_delay, backoff, max_delay),
+                       timeout=timeout, hang_timeout=hang_timeout, stop_grace=stop_grace,
+                       gpu_hourly_usd=gpu_hourly_usd, budget_usd=budget_usd,
+                       env=_env_pairs(env_pairs))
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="SCRIPT") from exc
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if detach:
+        job_id, _ = launch(spec, detach=True)
+        click.echo(job_id)
+        click.echo(f"detached; watch with `trainguard status {job_id}` or "
+                   f"`trainguard logs {job_id} -f`", err=True)
+        return
+    line = _ProgressLine()
+    job_id, status = launch(spec, detach=False, on_tick=line.show)
+    line.done()
+    job = JobTable().get(job_id)
+    click.echo(f"job {job_id} {status}: {job['message']}")
+    if status != "succeeded":
+        raise click.exceptions.Exit(1)
+
+
+class _ProgressLine:
+    """One live status line on a terminal (a line every 30 s when not a terminal)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def show(self, job: dict) -> None:
+        text = _summary(job)
+        if self.tty:
+            click.echo(f"\r\x1b[2K{text}", nl=False, err=True)
+        elif time.monotonic() - self.last > 30:
+            click.echo(text, err=True)
+            self.last = time.monotonic()
+
+    def done(self) -> None:
+        if self.tty:
+            click.echo("", err=True)
+
+
+def _age(ts: float | None) -> str:
+    return format_duration(time.time() - ts) if ts else "-"
+
+
+def _eta(job: dict) -> str:
+    if job.get("speed") and job.get("total") and job.get("step") is not None:
+        return format_duration((job["total"] - job["step"]) / job["speed"])
+    return "-"
+
+
+def _status(job: dict) -> str:
+    """The job's status, or ``lost`` when its supervisor died without recording an end."""
+    if job["status"] in FINAL or job["backend"] != "local" or not job.get("supervisor_pid"):
+        return job["status"]
+    try:
+        os.kill(job["supervisor_pid"], 0)
+    except ProcessLookupError:
+        return "lost"
+    except PermissionError:
+        pass
+    return job["status"]
+
+
+def _summary(job: dict) -> str:
+    step = f"{job['step']}/{job['total'] or '?'}" if job.get("step") is not None else "-"
+    return (f"{job['id']} {_status(job)} attempt {job['attempt']} step {step} "
+            f"commit {job.get('last_commit_step') if job.get('last_commit_step') is not None else '-'}"
+            f" ({_age(job.get('last_commit_at'))} ago) speed "
+            f"{(job.get('speed') or 0):.2f}/s eta {_eta(job)} cost ${job.get('cost_usd') or 0:.2f}")
+
+
+def _row(job: dict) -> dict:
+    spec = JobSpec.from_json(job["spec"]) if isinstance(job["spec"], str) else job["spec"]
+    out = {k: v for k, v in job.items() if k != "spec"}
+    out["status"] = _status(job)
+    out["retries"] = spec.retry.retries
+    out["script"] = spec.script
+    projected = None
+    if job.get("cost_usd") and job.get("step") and job.get("total"):
+        projected = job["cost_usd"] * job["total"] / job["step"]
+    out["projected_cost_usd"] = projected
+    return out
+
+
+@click.command("ps")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+@click.option("--all", "show_all", is_flag=True, help="Include finished jobs older than a day.")
+def ps_command(as_json: bool, show_all: bool) -> None:
+    """List jobs: status, attempt, step, commit age, heartbeat age, speed, ETA, cost."""
+    jobs = [j for j in JobTable().all()
+            if show_all or j["status"] not in FINAL or time.time() - j["updated"] < 86400]
+    rows = [_row(j) for j in jobs]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"{'JOB':8}  {'NAME':14}  {'STATUS':9}  {'ATTEMPT':7}  {'STEP':>11}  "
+               f"{'COMMIT':>13}  {'BEAT':>6}  {'SPEED':>7}  {'ETA':>6}  COST")
+    for r in rows:
+        step = f"{r['step']}/{r['total'] or '?'}" if r.get("step") is not None else "-"
+        commit = (f"{r['last_commit_step']} {_age(r['last_commit_at'])}"
+                  if r.get("last_commit_step") is not None else "-")
+        cost = f"${r['cost_usd'] or 0:.2f}" + (f"/${r['projected_cost_usd']:.2f}"
+                                               if r.get("projected_cost_usd") else "")
+        click.echo(f"{r['id']:8}  {(r['name'] or '')[:14]:14}  {r['status']:9}  "
+                   f"{r['attempt']}/{r['retries'] + 1:<5}  {step:>11}  {commit:>13}  "
+                   f"{_age(r.get('last_heartbeat')):>6}  {(r.get('speed') or 0):>5.2f}/s  "
+                   f"{_eta(r):>6}  {cost}")
+
+
+@click.command("status")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def status_command(job: str, as_json: bool) -> None:
+    """Details of JOB (an id or its unique prefix) and every attempt."""
+    table = JobTable()
+    job_id = table.resolve(job)
+    row = _row(table.get(job_id) | {"spec": table.get(job_id)["spec"]})
+    attempts = table.attempts(job_id)
+    if as_json:
+        row["attempts"] = [a.__dict__ for a in attempts]
+        click.echo(json.dumps(row, indent=1, default=str))
+        return
+    click.echo(_summary(table.get(job_id)))
+    click.echo(f"  script   {row['script']}\n  run dir  {row['run_dir']}\n"
+               f"  message  {row.get('message') or '-'}\n  logs     {table.job_dir(job_id)}")
+    for a in attempts:
+        took = format_duration((a.ended or time.time()) - a.started)
+        click.echo(f"  attempt {a.n}: {time.strftime('%H:%M:%S', time.localtime(a.started))} "
+                   f"for {took}, exit code {a.exit_code if a.exit_code is not None else '-'}"
+                   f" ({a.reason or 'running'})")
+
+
+@click.command("logs")
+@click.argument("job")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@click.option("--attempt", type=click.IntRange(min=1), default=None,
+              help="Which attempt (default: the latest).")
+def logs_command(job: str, follow: bool, attempt: int | None) -> None:
+    """Print the output of JOB's attempt (the latest by default)."""
+    table = JobTable()
+    job_id = table.resolve(job)
+    n = attempt or table.get(job_id)["attempt"] or 1
+    path = table.job_dir(job_id) / f"attempt-{n}.log"
+    if attempt is not None and not path.exists():
+        raise click.BadParameter(f"job {job_id} has no attempt {attempt}", param_hint="--attempt")
+    offset = 0
+    while True:
+        if path.exists():
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+                offset += len(chunk)
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        if not follow:
+            return
+        current = table.get(job_id)
+        if attempt is None and (current["attempt"] or 1) > n:  # a new attempt began
+            n, offset = current["attempt"], 0
+            path = table.job_dir(job_id) / f"attempt-{n}.log"
+            click.echo(f"--- attempt {n} ---")
+            continue
+        if _status(current) in (*FINAL, "lost"):
+            return
+        time.sleep(0.5)
+
+
+@click.command("stop")
+@click.argument("job")
+@click.option("--now", is_flag=True, help="Kill at once instead of letting it save first.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until the job has stopped.")
+def stop_command(job: str, now: bool, wait: bool) -> None:
+    """Stop JOB: it saves and commits a checkpoint, then ends with status stopped."""
+    table = JobTable()
+    job_id = table.resolve(job)
+    current = table.get(job_id)
+    if current["status"] in FINAL:
+        click.echo(f"job {job_id} already {current['status']}")
+        return
+    table.update(job_id, stop_requested=2 if now else 1)
+    if not wait:
+        click.echo(f"stop requested for {job_id}")
+        return
+    deadline = time.monotonic() + current["spec"].stop_grace + 60
+    while time.monotonic() < deadline:
+        current = table.get(job_id)
+        if _status(current) in (*FINAL, "lost"):
+            commit = current.get("last_commit_step")
+            click.echo(f"job {job_id} {_status(current)}"
+                       + (f"; last committed step {commit}" if commit is not None else ""))
+            return
+        time.sleep(0.3)
+    raise TrainguardError(f"job {job_id} did not stop within {current['spec'].stop_grace + 60:.0f}"
+                          f" s; `trainguard stop {job_id} --now` kills it")
+
+
+@click.command("sync")
+@click.argument("source")
+@click.argument("dest")
+@click.option("--watch", "every", type=DURATION, default=None,
+              help="Repeat every interval (e.g. 20m) until interrupted.")
+@click.option("--keep", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Copies kept at DEST.")
+def sync_command(source: str, dest: str, every: float | None, keep: int) -> None:
+    """Copy the newest committed checkpoint of SOURCE (a run dir, store URL or job id)
+    to DEST, where it appears whole or not at all, and verify it there."""
+    if "://" not in source and not os.path.exists(source):
+        table = JobTable()
+        source = table.get(table.resolve(source))["run_dir"]
+
+    def report(info) -> None:
+        click.echo(f"{dest}: step {info.step} ({human_bytes(info.total_bytes)}) verified")
+
+    if every is None:
+        report(sync_once(source, dest, keep=keep))
+        return
+    try:
+        watch(source, dest, every, report=report, keep=keep)
+    except KeyboardInterrupt:
+        click.echo("stopped watching", err=True)
+

@@ -1,0 +1,142 @@
+"""The job table: every job and every attempt, in SQLite (WAL mode).
+
+Location: ``$TRAINGUARD_HOME/jobs.db`` (default ``~/.trainguard``); each job also has a
+directory ``$TRAINGUARD_HOME/jobs/<id>/`` with one log file per attempt and the
+supervisor's own log. WAL mode lets ``trainguard ps`` read while supervisors write.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainguard.errors import TrainguardError
+from trainguard.launch.spec import JobSpec
+
+STATUSES = ("pending", "running", "retrying", "succeeded", "failed", "stopped")
+FINAL = ("succeeded", "failed", "stopped")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, name TEXT, spec TEXT NOT NULL, status TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL, backend TEXT DEFAULT 'local',
+    supervisor_pid INTEGER, child_pid INTEGER, attempt INTEGER DEFAULT 0,
+    failures INTEGER DEFAULT 0, run_dir TEXT, step INTEGER, total INTEGER,
+    last_commit_step INTEGER, last_commit_at REAL, last_heartbeat REAL, speed REAL,
+    cost_usd REAL DEFAULT 0, stop_requested INTEGER DEFAULT 0, message TEXT
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL, n INTEGER NOT NULL, started REAL NOT NULL, ended REAL,
+    exit_code INTEGER, reason TEXT, PRIMARY KEY (job_id, n)
+);
+"""
+
+
+class JobNotFound(TrainguardError):
+    """No job with that id (or id prefix)."""
+
+    exit_code = 2
+
+
+def trainguard_home() -> Path:
+    """``$TRAINGUARD_HOME`` or ``~/.trainguard``."""
+    return Path(os.environ.get("TRAINGUARD_HOME") or Path.home() / ".trainguard")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run of the job's script."""
+
+    n: int
+    started: float
+    ended: float | None
+    exit_code: int | None
+    reason: str | None
+
+
+class JobTable:
+    """Jobs and attempts. Safe to use from several processes at once.
+
+    Args:
+        home: the trainguard home (default: :func:`trainguard_home`).
+    """
+
+    def __init__(self, home: str | os.PathLike | None = None) -> None:
+        self.home = Path(home) if home else trainguard_home()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.path = self.home / "jobs.db"
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(_SCHEMA)
+
+    def job_dir(self, job_id: str) -> Path:
+        """The directory of a job's logs."""
+        return self.home / "jobs" / job_id
+
+    def create(self, spec: JobSpec, backend: str = "local") -> str:
+        """Record a new pending job; returns its id."""
+        job_id = secrets.token_hex(4)
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO jobs (id, name, spec, status, created, updated, backend, run_dir) "
+            "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
+            (job_id, spec.name, spec.to_json(), now, now, backend, spec.run_dir))
+        self.job_dir(job_id).mkdir(parents=True, exist_ok=True)
+        return job_id
+
+    def resolve(self, prefix: str) -> str:
+        """The full id of the job whose id starts with ``prefix``.
+
+        Raises:
+            JobNotFound: no job, or several, match.
+        """
+        rows = self._db.execute("SELECT id FROM jobs WHERE id LIKE ? ORDER BY created",
+                                (prefix.replace("%", "") + "%",)).fetchall()
+        if not prefix or not rows:
+            raise JobNotFound(f"no job {prefix!r}; `trainguard ps` lists the jobs")
+        if len(rows) > 1:
+            raise JobNotFound(f"job id {prefix!r} is ambiguous "
+                              f"({', '.join(r['id'] for r in rows)}); give more characters")
+        return rows[0]["id"]
+
+    def get(self, job_id: str) -> dict:
+        """The job's row as a dict (with ``spec`` parsed)."""
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r}; `trainguard ps` lists the jobs")
+        job = dict(row)
+        job["spec"] = JobSpec.from_json(job["spec"]) if job["spec"] else None
+        return job
+
+    def all(self) -> list[dict]:
+        """Every job, newest first (spec left as JSON text)."""
+        return [dict(r) for r in self._db.execute("SELECT * FROM jobs ORDER BY created DESC")]
+
+    def update(self, job_id: str, **fields) -> None:
+        """Set columns of a job (and its ``updated`` time)."""
+        fields["updated"] = time.time()
+        names = ", ".join(f"{k} = ?" for k in fields)
+        self._db.execute(f"UPDATE jobs SET {names} WHERE id = ?", (*fields.values(), job_id))
+
+    def start_attempt(self, job_id: str, n: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO attempts (job_id, n, started) VALUES (?, ?, ?)",
+                         (job_id, n, time.time()))
+
+    def end_attempt(self, job_id: str, n: int, exit_code: int | None, reason: str) -> None:
+        self._db.execute("UPDATE attempts SET ended = ?, exit_code = ?, reason = ? "
+                         "WHERE job_id = ? AND n = ?", (time.time(), exit_code, reason, job_id, n))
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        rows = self._db.execute("SELECT n, started, ended, exit_code, reason FROM attempts "
+                                "WHERE job_id = ? ORDER BY n", (job_id,))
+        return [Attempt(**dict(r)) for r in rows]
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,252 @@
+"""The local supervisor: runs a job's attempts until it succeeds, fails for good, or stops.
+
+One attempt is one run of the script, in its own session (so a terminal's Ctrl-C or the
+death of the launcher does not reach it), with its output in
+``$TRAINGUARD_HOME/jobs/<id>/attempt-<n>.log``. While it runs, the supervisor watches:
+
+* the per-attempt ``timeout``: SIGTERM (the script's ``Run`` saves and exits), SIGKILL
+  after ``stop_grace``, then a retry;
+* the heartbeat (``RUN/heartbeat.json``): no progress for ``hang_timeout`` -> the same;
+* ``stop`` requests from the job table (``trainguard stop``) and SIGTERM/SIGINT to the
+  supervisor itself: graceful stop, no restart (``--now``: SIGKILL at once);
+* the budget: stop gracefully before the cost would exceed it.
+
+Exit codes: 0 -> succeeded. ``EXIT_RESUME`` (the script was preempted and committed) ->
+restart at once without consuming a retry (bounded by ``max_resumes``). Anything else,
+and timeouts and hangs -> a retry after the policy's delay, until retries run out.
+Every attempt resumes from the newest valid checkpoint, because ``Run`` always does.
+
+Run detached as ``python -m trainguard.launch.supervisor JOB_ID``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from trainguard.checkpoint import CheckpointManager
+from trainguard.launch.jobs import JobTable
+from trainguard.run import EXIT_RESUME
+from trainguard.run.heartbeat import read_heartbeat
+
+log = logging.getLogger("trainguard.launch")
+
+STOP_GRACEFUL, STOP_NOW = 1, 2
+
+
+class Supervisor:
+    """Runs and watches the attempts of one job.
+
+    Args:
+        table: the job table.
+        job_id: the job (already created, status pending).
+        poll: seconds between checks of the child, its heartbeat and the table.
+        on_tick: called with the job's row after each refresh (a live progress line).
+    """
+
+    def __init__(self, table: JobTable, job_id: str, *, poll: float = 0.5,
+                 on_tick: Callable[[dict], None] | None = None) -> None:
+        self.table, self.job_id, self.poll = table, job_id, poll
+        self.spec = table.get(job_id)["spec"]
+        self.on_tick = on_tick
+        self._stop = 0
+        self._cost_before = 0.0
+        self._last_refresh = 0.0
+        self._last_commit_check = 0.0
+        self._speed_ref: tuple[float, int] | None = None
+
+    # -- control ---------------------------------------------------------------------------
+
+    def request_stop(self, now: bool = False) -> None:
+        """Stop after a graceful save (or at once with ``now``); never restart."""
+        self._stop = max(self._stop, STOP_NOW if now else STOP_GRACEFUL)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.request_stop(now=self._stop >= STOP_GRACEFUL)  # a second one: now
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def _poll_stop_request(self) -> None:
+        requested = self.table.get(self.job_id)["stop_requested"] or 0
+        if requested:
+            self.request_stop(now=requested >= STOP_NOW)
+
+    # -- the job ---------------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Run attempts until the job ends; returns its final status."""
+        if threading_is_main():
+            self._install_signal_handlers()
+        self.table.update(self.job_id, status="running", supervisor_pid=os.getpid())
+        policy = self.spec.retry
+        attempt = failures = resumes = 0
+        while True:
+            attempt += 1
+            code, reason = self._attempt(attempt)
+            self.table.end_attempt(self.job_id, attempt, code, reason)
+            log.info("attempt %d ended: exit code %s (%s)", attempt, code, reason)
+            if self._stop or reason == "budget":
+                why = "budget reached" if reason == "budget" else "stopped on request"
+                return self._finish("stopped", f"{why} after attempt {attempt}")
+            if code == 0:
+                return self._finish("succeeded", f"attempt {attempt} succeeded")
+            if code == EXIT_RESUME and reason == "exited":
+                resumes += 1
+                if resumes <= policy.max_resumes:
+                    self.table.update(self.job_id, message=f"preempted; resuming ({resumes})")
+                    continue
+                return self._finish("failed", f"preempted {resumes} times (max_resumes)")
+            failures += 1
+            self.table.update(self.job_id, failures=failures)
+            if failures > policy.retries:
+                return self._finish("failed", f"attempt {attempt} {reason} (exit code {code});"
+                                    f" {policy.retries} retries used")
+            delay = policy.delay_before_retry(failures)
+            self.table.update(self.job_id, status="retrying",
+                              message=f"attempt {attempt} {reason} (exit code {code}); "
+                                      f"retry {failures}/{policy.retries} in {delay:.0f} s")
+            if not self._wait(delay):
+                return self._finish("stopped", f"stopped on request after attempt {attempt}")
+
+    def _finish(self, status: str, message: str) -> str:
+        self.table.update(self.job_id, status=status, message=message, child_pid=None)
+        log.info("job %s %s: %s", self.job_id, status, message)
+        return status
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds`` unless a stop comes first (then False)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self._poll_stop_request()
+            if self._stop:
+                return False
+            time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())))
+        return True
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    def _child_env(self) -> dict:
+        env = {**os.environ, **self.spec.env}
+        env.update(TRAINGUARD_RUN_DIR=self.spec.run_dir, TRAINGUARD_JOB_ID=self.job_id,
+                   PYTHONUNBUFFERED="1")
+        return env
+
+    def _attempt(self, n: int) -> tuple[int | None, str]:
+        log_path = self.table.job_dir(self.job_id) / f"attempt-{n}.log"
+        self.table.start_attempt(self.job_id, n)
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(self.spec.command, cwd=self.spec.cwd, env=self._child_env(),
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.table.update(self.job_id, status="running", attempt=n, child_pid=proc.pid)
+        started, started_wall = time.monotonic(), time.time()
+        reason, kill_at = "exited", None
+        while True:
+            code = proc.poll()
+            if code is not None:
+                self._refresh(proc.pid, started_wall, force=True)
+                self._cost_before += self._rate() * (time.monotonic() - started)
+                return code, reason
+            elapsed = time.monotonic() - started
+            self._poll_stop_request()
+            progress = self._refresh(proc.pid, started_wall)
+            if kill_at is None:
+                why = self._why_stop(elapsed, progress)
+                if why == "stopped-now":
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    reason, kill_at = "stopped", time.monotonic()
+                elif why:
+                    _signal_group(proc.pid, signal.SIGTERM)  # Run saves, commits and exits
+                    reason, kill_at = why, time.monotonic() + self.spec.stop_grace
+                    log.info("attempt %d: %s; SIGTERM sent", n, why)
+            elif time.monotonic() >= kill_at:
+                _signal_group(proc.pid, signal.SIGKILL)
+            time.sleep(self.poll)
+
+    def _why_stop(self, elapsed: float, last_progress: float) -> str | None:
+        if self._stop >= STOP_NOW:
+            return "stopped-now"
+        if self._stop:
+            return "stopped"
+        if self.spec.timeout is not None and elapsed > self.spec.timeout:
+            return "timeout"
+        if self.spec.hang_timeout is not None and time.time() - last_progress > self.spec.hang_timeout:
+            return "hang"
+        if self.spec.budget_usd is not None:
+            projected = self._cost_before + self._rate() * (elapsed + self.spec.stop_grace)
+            if projected >= self.spec.budget_usd:
+                return "budget"
+        return None
+
+    def _rate(self) -> float:
+        return (self.spec.gpu_hourly_usd or 0.0) / 3600.0
+
+    def _refresh(self, pid: int, started_wall: float, force: bool = False) -> float:
+        """Update the table from the heartbeat and checkpoints; returns the time of the
+        attempt's last progress (its start until its own heartbeat says otherwise)."""
+        now = time.time()
+        try:
+            beat = read_heartbeat(self.spec.run_dir)
+        except ValueError:
+            beat = None
+        mine = beat is not None and beat.pid == pid and beat.started >= started_wall - 1
+        last_progress = max(started_wall, beat.last_progress) if mine else started_wall
+        if not force and now - self._last_refresh < 1.0:
+            return last_progress
+        self._last_refresh = now
+        fields = {"cost_usd": self._cost_before + self._rate() * (now - started_wall)}
+        if mine:
+            fields.update(step=beat.step, total=beat.total, last_heartbeat=beat.beat)
+            if self._speed_ref is None or beat.step < self._speed_ref[1]:
+                self._speed_ref = (now, beat.step)
+            elif now - self._speed_ref[0] > 5:
+                fields["speed"] = (beat.step - self._speed_ref[1]) / (now - self._speed_ref[0])
+        if force or now - self._last_commit_check > 5:
+            self._last_commit_check = now
+            latest = _latest_commit(self.spec.run_dir)
+            if latest is not None:
+                fields.update(last_commit_step=latest.step, last_commit_at=latest.created_at)
+        self.table.update(self.job_id, **fields)
+        if self.on_tick is not None:
+            self.on_tick(self.table.get(self.job_id))
+        return last_progress
+
+
+def _latest_commit(run_dir: str):
+    try:
+        return CheckpointManager(run_dir).latest_valid()
+    except Exception as exc:  # a run dir being written; never fatal to the supervisor
+        log.debug("cannot list checkpoints of %s: %r", run_dir, exc)
+        return None
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the attempt leads its own session: its children go too
+    except ProcessLookupError:
+        pass
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a detached supervisor: ``python -m trainguard.launch.supervisor ID``."""
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    table = JobTable()
+    status = Supervisor(table, args[0]).run()
+    return 0 if status == "succeeded" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

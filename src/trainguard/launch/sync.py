@@ -1,0 +1,63 @@
+"""Copy the newest committed checkpoint of a run to another place while it trains.
+
+The copy appears at the destination whole or not at all (files first, manifest last),
+is verified byte for byte there, and only committed checkpoints are ever copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from trainguard.checkpoint import CheckpointInfo, CheckpointManager, keep_last
+from trainguard.checkpoint.mirror import copy_checkpoint
+from trainguard.errors import CheckpointCorrupt, CheckpointNotFound
+
+log = logging.getLogger("trainguard.sync")
+
+
+def sync_once(source: str, dest: str, *, keep: int = 2) -> CheckpointInfo:
+    """Copy ``source``'s newest valid checkpoint to ``dest`` (if not there yet) and verify.
+
+    Args:
+        source: a run directory or store URL.
+        dest: a directory or store URL; it becomes a run directory of copies.
+        keep: copies kept at ``dest`` (older ones are pruned).
+
+    Raises:
+        CheckpointNotFound: ``source`` has no valid checkpoint yet.
+        CheckpointCorrupt: the copy did not verify (it is not left behind as valid).
+    """
+    src = CheckpointManager(source)
+    dst = CheckpointManager(dest)
+    for attempt in range(3):  # the newest may be deleted by retention mid-copy: take the next
+        latest = src.latest_valid()
+        if latest is None:
+            raise CheckpointNotFound(f"{source} has no committed checkpoint yet")
+        have = {i.step for i in dst.list() if i.valid}
+        if latest.step not in have:
+            if copy_checkpoint(src.store, dst.store, latest.step) is None:
+                continue
+        checked = dst.verify(latest.step)
+        if not checked.valid:
+            raise CheckpointCorrupt(f"copy of step {latest.step} at {dest} does not verify: "
+                                    f"{checked.problem}")
+        dst.gc(keep_last(keep))
+        dst.close()
+        return checked
+    raise CheckpointNotFound(f"{source} kept deleting its newest checkpoint while copying")
+
+
+def watch(source: str, dest: str, every: float, *, report: Callable[[CheckpointInfo], None],
+          keep: int = 2, rounds: int | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Call :func:`sync_once` every ``every`` seconds (forever, or ``rounds`` times)."""
+    done = 0
+    while rounds is None or done < rounds:
+        try:
+            report(sync_once(source, dest, keep=keep))
+        except CheckpointNotFound as exc:
+            log.info("%s", exc)
+        done += 1
+        if rounds is None or done < rounds:
+            sleep(every)

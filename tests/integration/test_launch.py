@@ -1,0 +1,143 @@
+"""The local supervisor with real processes: detach, retries with delays, hangs, timeouts,
+graceful stop, sync during training, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainguard import CheckpointManager
+from trainguard.launch import JobTable
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = "tests/integration/launch_scripts/job.py"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def tg(*args, timeout=180, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainguard", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def wait_for(predicate, timeout=120.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job_row(job_id):
+    return JobTable().get(job_id)
+
+
+def test_crashes_twice_then_succeeds_resuming_with_delays(home, tmp_path):
+    run_dir = tmp_path / "run"
+    result = tg("run", JOB, "--run-dir", run_dir, "--retries", 3, "--retry-delay", "1s",
+                "--backoff", 2, "--", "--steps", 30, "--crash-attempts", 2, "--crash-at", 12)
+    assert result.returncode == 0, result.stderr + result.stdout
+    job_id = result.stdout.split()[1]
+    table = JobTable()
+    attempts = table.attempts(job_id)
+    assert [(a.exit_code, a.reason) for a in attempts] == [(1, "exited"), (1, "exited"), (0, "exited")]
+    gaps = [b.started - a.ended for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps  # 1 s, then 1 s x 2
+    logs = [(home / "jobs" / job_id / f"attempt-{n}.log").read_text() for n in (1, 2, 3)]
+    assert "starts after step 0" in logs[0]
+    # the crash in step 12 committed the last completed step (11) as an error checkpoint
+    assert "starts after step 11" in logs[1] and "starts after step 11" in logs[2]
+    assert CheckpointManager(run_dir).latest_valid().step == 30
+    assert job_row(job_id)["status"] == "succeeded"
+
+
+def test_detached_job_survives_its_launcher_process_group(home, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        f"{sys.executable} -m trainguard run --detach {JOB} --run-dir {run_dir} -- "
+        f"--steps 40 --sleep 0.05; sleep 60",
+        shell=True, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    job_id = launcher.stdout.readline().strip()
+    assert len(job_id) == 8, launcher.stderr.read()
+    os.killpg(launcher.pid, signal.SIGKILL)  # the terminal, the shell, the launcher: gone
+    launcher.wait()
+    wait_for(lambda: job_row(job_id)["status"] in ("succeeded", "failed"), what="job end")
+    assert job_row(job_id)["status"] == "succeeded"
+    assert CheckpointManager(run_dir).latest_valid().step == 40
+
+
+def test_a_hang_is_killed_and_retried(home, tmp_path):
+    result = tg("run", JOB, "--run-dir", tmp_path / "run", "--hang-timeout", "3s",
+                "--stop-grace", "2s", "--retry-delay", "0", "--", "--steps", 20, "--hang-at", 7)
+    assert result.returncode == 0, result.stderr + result.stdout
+    job_id = result.stdout.split()[1]
+    reasons = [a.reason for a in JobTable().attempts(job_id)]
+    assert reasons == ["hang", "exited"]
+
+
+def test_a_timeout_is_retried_and_resumes(home, tmp_path):
+    result = tg("run", JOB, "--run-dir", tmp_path / "run", "--timeout", "4s", "--retries", 5,
+                "--retry-delay", "0", "--", "--steps", 60, "--sleep", 0.1)
+    assert result.returncode == 0, result.stderr + result.stdout
+    job_id = result.stdout.split()[1]
+    attempts = JobTable().attempts(job_id)
+    assert attempts[0].reason == "timeout" and attempts[-1].exit_code == 0
+    log2 = (home / "jobs" / job_id / "attempt-2.log").read_text()
+    assert "starts after step 0" not in log2  # the SIGTERM'd attempt committed its progress
+
+
+def test_stop_commits_and_ends_stopped(home, tmp_path):
+    run_dir = tmp_path / "run"
+    started = tg("run", "--detach", JOB, "--run-dir", run_dir, "--", "--steps", 100000,
+                 "--sleep", 0.05)
+    job_id = started.stdout.strip()
+    wait_for(lambda: (job_row(job_id)["step"] or 0) >= 8, what="training progress")
+    stopped = tg("stop", job_id)
+    assert stopped.returncode == 0 and f"job {job_id} stopped" in stopped.stdout, stopped.stderr
+    row = job_row(job_id)
+    latest = CheckpointManager(run_dir).latest_valid()
+    assert row["status"] == "stopped" and latest.step >= 8
+    assert latest.reason != "periodic" or latest.step % 5 == 0
+    status = json.loads(tg("status", job_id, "--json").stdout)
+    assert status["status"] == "stopped" and status["attempts"][0]["exit_code"] == 75
+
+
+def test_sync_during_training_copies_a_verified_committed_checkpoint(home, tmp_path):
+    run_dir, dest = tmp_path / "run", tmp_path / "copy"
+    job_id = tg("run", "--detach", JOB, "--run-dir", run_dir, "--", "--steps", 100000,
+                "--sleep", 0.02).stdout.strip()
+    wait_for(lambda: job_row(job_id)["last_commit_step"], what="a first commit")
+    synced = tg("sync", job_id, dest)
+    tg("stop", job_id, "--now")
+    assert synced.returncode == 0, synced.stderr
+    step = int(synced.stdout.split("step ")[1].split()[0])
+    copy = CheckpointManager(dest)
+    assert copy.latest_valid().step == step and copy.verify(step).valid
+    assert step % 5 == 0  # a cadence commit, never a half-written one
+
+
+@pytest.mark.parametrize("args, message", [
+    (["status", "nosuchjob"], "no job 'nosuchjob'"),
+    (["run", "missing.py"], "missing.py does not exist"),
+    (["run", JOB, "--retries", "-1"], "-1 is not in the range"),
+    (["run", JOB, "--timeout", "soon"], "cannot read 'soon' as a duration"),
+    (["logs", "nosuchjob"], "no job 'nosuchjob'"),
+])
+def test_bad_input_gets_one_clear_line(home, args, message):
+    result = tg(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
