@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY="$ROOT/.venv/bin/python"
 # torch first and pinned: the CPU wheel on local disk. A bare "torch" would pull CUDA (GBs).
-"$VPY" -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" >&2 || true
+"$VPY" -m pip install -q --disable-pip-version-check torch==2.13.0 numpy 2>&1 | grep -v "^WARNING: Location" >&2 || true
 "$VPY" -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
 EXTRAS="${1:-}"
 "$VPY" -m pip install -q --disable-pip-version-check -e ".${EXTRAS:+[$EXTRAS]}" 2>&1 | grep -v "^WARNING: Location" >&2 || true
