@@ -57,3 +57,18 @@ def test_cli_takes_store_urls(s3_env):
     assert [c.step for c in CheckpointManager(url).list()] == [3]
     empty = runner.invoke(cli, ["ls", f"s3://{s3_env}/nothing-here"])
     assert empty.exit_code == 2 and "holds no checkpoints" in empty.output
+
+
+def test_ls_shows_both_tiers_newest_step(tmp_path, s3_env):
+    from click.testing import CliRunner
+
+    from trainguard.cli import cli
+
+    url = f"s3://{s3_env}/tiers"
+    mgr = CheckpointManager(tmp_path / "run", mirror=url)
+    mgr.save(1, {"w": torch.ones(4)}, blocking=True)
+    mgr.close()  # waits for the upload of step 1
+    CheckpointManager(tmp_path / "run").save(2, {"w": torch.ones(4)}, blocking=True)  # local only
+    result = CliRunner().invoke(cli, ["ls", str(tmp_path / "run"), "--mirror", url])
+    assert result.exit_code == 0, result.output
+    assert "newest valid step: local 2, mirror 1" in result.output

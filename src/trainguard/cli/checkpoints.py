@@ -36,6 +36,14 @@ def open_run(run_dir: str) -> tuple[CheckpointManager, list[CheckpointInfo]]:
     return manager, infos
 
 
+def _tiers(run_dir: str, mirror: str) -> dict:
+    manager = CheckpointManager(run_dir, mirror=mirror)
+    try:
+        return manager.tiers()
+    finally:
+        manager.close()  # a reader: nothing pending, so this only stops the upload thread
+
+
 def _status(info: CheckpointInfo) -> str:
     if info.valid:
         return "valid"
@@ -56,16 +64,22 @@ def _format_metrics(metrics: dict) -> str:
 @click.command("ls")
 @click.argument("run_dir")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-def ls_command(run_dir: str, as_json: bool) -> None:
+@click.option("--mirror", default=None, metavar="URL",
+              help="The run's remote tier (e.g. s3://bucket/runs/x): also show its newest step.")
+def ls_command(run_dir: str, as_json: bool, mirror: str | None) -> None:
     """List the checkpoints of RUN_DIR: step, time, size, metrics, valid or not.
 
     The check here is cheap (manifest present and file sizes match); use
     `trainguard verify` to check every byte.
     """
     _manager, infos = open_run(run_dir)
+    tiers = _tiers(run_dir, mirror) if mirror else None
     if as_json:
-        click.echo(json.dumps([_row(i) for i in infos], indent=1))
+        rows = [_row(i) for i in infos]
+        click.echo(json.dumps({"checkpoints": rows, "tiers": tiers} if tiers else rows, indent=1))
         return
+    if tiers:
+        click.echo(f"newest valid step: local {tiers['primary']}, mirror {tiers['mirror']}")
     click.echo(f"{'STEP':>10}  {'CREATED':19}  {'SIZE':>10}  {'REASON':9}  {'STATUS':10}  METRICS")
     for info in infos:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created_at)) \

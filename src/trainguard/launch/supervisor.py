@@ -179,7 +179,9 @@ class Supervisor:
         if self.spec.hang_timeout is not None and time.time() - last_progress > self.spec.hang_timeout:
             return "hang"
         if self.spec.budget_usd is not None:
-            projected = self._cost_before + self._rate() * (elapsed + self.spec.stop_grace)
+            # what it will have cost once stopped: the grace, plus two polls of slack
+            later = elapsed + self.spec.stop_grace + 2 * self.poll
+            projected = self._cost_before + self._rate() * later
             if projected >= self.spec.budget_usd:
                 return "budget"
         return None
