@@ -23,6 +23,7 @@ from trainguard.cli.jobs import (
     stop_command,
     sync_command,
 )
+from trainguard.cli.preflight import preflight_command
 from trainguard.errors import TrainguardError
 
 
@@ -59,7 +60,7 @@ cli.add_command(verify_command)
 cli.add_command(gc_command)
 cli.add_command(data_group)
 for _command in (run_command, ps_command, status_command, logs_command, stop_command,
-                 sync_command):
+                 sync_command, preflight_command):
     cli.add_command(_command)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -78,9 +79,30 @@ def _env_pairs(pairs: tuple[str, ...]) -> dict:
               help="Stop gracefully before the cost would exceed this.")
 @click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
               help="Environment variable for the script (repeatable).")
-def run_command(script, script_args, run_dir, name, detach, retries, retry_delay, backoff,
+@click.option("--backend", type=click.Choice(["local", "modal"]), default="local",
+              show_default=True, help="Run here under the supervisor, or on Modal.")
+@click.option("--gpu", default=None, help="Modal: GPU type, TYPE:N, or a fallback list "
+              "(H100:8,A100-80GB:8).")
+@click.option("--volume", default=None, help="Modal: the modal.Volume holding the run.")
+@click.option("--cpu", type=float, default=None, help="Modal: CPU cores.")
+@click.option("--memory", type=int, default=None, help="Modal: memory in MiB.")
+@click.option("--requirements", "requirements_file", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Modal: requirements.txt installed in the image (with uv).")
+@click.option("--pip", "packages", multiple=True, metavar="PKG",
+              help="Modal: a package for the image, e.g. 'torch==2.2.2' (repeatable).")
+@click.option("--root", default="", help="Project root for finding local modules "
+              "(default: the script's directory).")
+@click.option("--require", "requires", multiple=True, metavar="SPEC",
+              help="Preflight: a version requirement, e.g. 'numpy<2' (repeatable).")
+@click.option("--no-preflight", is_flag=True, help="Skip the checks run before launching.")
+@click.option("--dry-run", is_flag=True, help="Modal: print the resolved plan, launch nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
+@click.pass_context
+def run_command(ctx, script, script_args, run_dir, name, detach, retries, retry_delay, backoff,
                 max_delay, timeout, hang_timeout, stop_grace, gpu_hourly_usd, budget_usd,
-                env_pairs) -> None:
+                env_pairs, backend, gpu, volume, cpu, memory, requirements_file, packages,
+                root, requires, no_preflight, dry_run, as_json) -> None:
     """Run SCRIPT under a supervisor: retries, timeouts, hang detection, always resume.
 
     Arguments after `--` go to the script:
@@ -96,6 +118,21 @@ def run_command(script, script_args, run_dir, name, detach, retries, retry_delay
         raise click.BadParameter(str(exc), param_hint="SCRIPT") from exc
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    if backend == "modal":
+        from trainguard.cli import modal_cli
+
+        if ctx.get_parameter_source("max_delay") == click.core.ParameterSource.DEFAULT:
+            spec = dataclasses.replace(spec, retry=dataclasses.replace(spec.retry, max_delay=60))
+        options = modal_cli.modal_options(volume=volume, gpu=gpu, cpu=cpu, memory=memory,
+                                          packages=packages, requirements_file=requirements_file,
+                                          root=root)
+        modal_cli.run_modal(spec, options, detach=detach, dry_run=dry_run, as_json=as_json,
+                            requires=requires, preflight=not no_preflight)
+        return
+    if dry_run or gpu or volume:
+        raise click.UsageError("--dry-run, --gpu and --volume need --backend modal")
+    if not no_preflight:
+        _local_preflight(spec, root, requires)
     if detach:
         job_id, _ = launch(spec, detach=True)
         click.echo(job_id)
@@ -109,6 +146,20 @@ def run_command(script, script_args, run_dir, name, detach, retries, retry_delay
     click.echo(f"job {job_id} {status}: {job['message']}")
     if status != "succeeded":
         raise click.exceptions.Exit(1)
+
+
+def _local_preflight(spec: JobSpec, root: str, requires: tuple[str, ...]) -> None:
+    """Imports and version pins, checked before a local launch (failures only are printed)."""
+    from trainguard.cli.preflight import print_results
+    from trainguard.preflight import PreflightTarget, run_preflight
+
+    try:
+        results = run_preflight(spec.script, PreflightTarget("local"), root=root or None,
+                                requires=requires)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--require") from exc
+    if not all(r.ok for r in results):
+        print_results(results)
 
 
 class _ProgressLine:
@@ -162,6 +213,15 @@ def _summary(job: dict) -> str:
             f"{(job.get('speed') or 0):.2f}/s eta {_eta(job)} cost ${job.get('cost_usd') or 0:.2f}")
 
 
+def _refresh_modal(table: JobTable, job: dict) -> dict:
+    """A Modal job's row with its status asked from Modal; other jobs unchanged."""
+    if job.get("backend") != "modal":
+        return job
+    from trainguard.cli import modal_cli
+
+    return modal_cli.refresh(table, job)
+
+
 def _row(job: dict) -> dict:
     spec = JobSpec.from_json(job["spec"]) if isinstance(job["spec"], str) else job["spec"]
     out = {k: v for k, v in job.items() if k != "spec"}
@@ -180,7 +240,8 @@ def _row(job: dict) -> dict:
 @click.option("--all", "show_all", is_flag=True, help="Include finished jobs older than a day.")
 def ps_command(as_json: bool, show_all: bool) -> None:
     """List jobs: status, attempt, step, commit age, heartbeat age, speed, ETA, cost."""
-    jobs = [j for j in JobTable().all()
+    table = JobTable()
+    jobs = [_refresh_modal(table, j) for j in table.all()
             if show_all or j["status"] not in FINAL or time.time() - j["updated"] < 86400]
     rows = [_row(j) for j in jobs]
     if as_json:
@@ -207,6 +268,7 @@ def status_command(job: str, as_json: bool) -> None:
     """Details of JOB (an id or its unique prefix) and every attempt."""
     table = JobTable()
     job_id = table.resolve(job)
+    _refresh_modal(table, table.get(job_id))
     row = _row(table.get(job_id) | {"spec": table.get(job_id)["spec"]})
     attempts = table.attempts(job_id)
     if as_json:
@@ -232,6 +294,11 @@ def logs_command(job: str, follow: bool, attempt: int | None) -> None:
     """Print the output of JOB's attempt (the latest by default)."""
     table = JobTable()
     job_id = table.resolve(job)
+    if table.get(job_id)["backend"] == "modal":
+        from trainguard.cli import modal_cli
+
+        modal_cli.logs(table, job_id)
+        return
     n = attempt or table.get(job_id)["attempt"] or 1
     path = table.job_dir(job_id) / f"attempt-{n}.log"
     if attempt is not None and not path.exists():
@@ -270,6 +337,11 @@ def stop_command(job: str, now: bool, wait: bool) -> None:
     current = table.get(job_id)
     if current["status"] in FINAL:
         click.echo(f"job {job_id} already {current['status']}")
+        return
+    if current["backend"] == "modal":
+        from trainguard.cli import modal_cli
+
+        modal_cli.stop(table, job_id)
         return
     table.update(job_id, stop_requested=2 if now else 1)
     if not wait:

@@ -6,9 +6,11 @@ import os
 
 from trainguard.store.base import Store, check_key
 from trainguard.store.local import LocalStore
+from trainguard.store.modal_volume import ModalVolumeReader, ModalVolumeStore, store_for_path
 from trainguard.store.object import SCHEMES, ObjectStore
 
-__all__ = ["LocalStore", "ObjectStore", "Store", "check_key", "open_store"]
+__all__ = ["LocalStore", "ModalVolumeReader", "ModalVolumeStore", "ObjectStore", "Store",
+           "check_key", "open_store"]
 
 
 def open_store(target: str | os.PathLike | Store) -> Store:
@@ -16,7 +18,8 @@ def open_store(target: str | os.PathLike | Store) -> Store:
 
     Args:
         target: a directory path, ``file:///abs/path``, ``s3://bucket/prefix`` (also
-            ``gs://``, ``az://``...), or an object implementing :class:`Store` (returned
+            ``gs://``, ``az://``...), ``modal://VOLUME/PATH`` (read through the Volume
+            API), or an object implementing :class:`Store` (returned
             as is).
 
     Raises:
@@ -31,8 +34,11 @@ def open_store(target: str | os.PathLike | Store) -> Store:
             return LocalStore(rest)
         if scheme in SCHEMES:
             return ObjectStore(text)
+        if scheme == "modal":
+            return ModalVolumeReader(text)
         raise ValueError(
             f"no storage backend for {scheme}:// URLs; use a directory path or one of "
-            + ", ".join(f"{s}://" for s in ("file", *SCHEMES))
+            + ", ".join(f"{s}://" for s in ("file", *SCHEMES, "modal"))
         )
-    return LocalStore(text)
+    # inside a Modal container, a path on a mounted volume commits through the volume
+    return store_for_path(text) or LocalStore(text)

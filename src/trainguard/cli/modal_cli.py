@@ -1,0 +1,109 @@
+"""``trainguard run --backend modal`` and the Modal branches of ps/status/logs/stop.
+
+Kept apart from ``cli/jobs.py`` so the local commands never import ``modal``. The
+Modal client is reached only through :func:`client` (tests replace it with a fake).
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from trainguard.launch import JobSpec, JobTable
+from trainguard.preflight import PreflightTarget, run_preflight
+
+#: The seam factory; tests monkeypatch it with a fake client.
+_CLIENT_FACTORY = None
+
+
+def client():
+    """The :class:`~trainguard.launch.modal_jobs.ModalClient` to use."""
+    if _CLIENT_FACTORY is not None:
+        return _CLIENT_FACTORY()
+    from trainguard.launch.modal_jobs import RealModalClient
+
+    return RealModalClient()
+
+
+def modal_options(*, volume, gpu, cpu, memory, packages, requirements_file, root):
+    """Build ``ModalOptions`` from CLI values; option errors become click errors."""
+    from trainguard.launch.modal_backend import ModalConfigError, ModalOptions
+
+    if not volume:
+        raise click.UsageError("--backend modal needs --volume NAME (the modal.Volume that "
+                               "holds the run's checkpoints)")
+    try:
+        return ModalOptions(volume=volume, gpu=gpu, cpu=cpu, memory=memory,
+                            packages=tuple(packages), requirements_file=requirements_file,
+                            root=root)
+    except ModalConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def run_modal(spec: JobSpec, options, *, detach: bool, dry_run: bool, as_json: bool,
+              requires: tuple[str, ...], preflight: bool) -> None:
+    """Plan, check, and (unless ``dry_run``) launch ``spec`` on Modal."""
+    from trainguard.cli.preflight import print_results
+    from trainguard.launch.modal_backend import ModalConfigError, build_plan, describe
+
+    try:
+        plan = build_plan(spec, options)
+    except ModalConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if dry_run:
+        click.echo(json.dumps(plan.to_dict(), indent=1) if as_json else describe(plan))
+        return
+    if preflight:
+        target = PreflightTarget("modal", packages=tuple(plan.packages))
+        try:
+            results = run_preflight(spec.script, target, root=options.root or None,
+                                    requires=requires, closure=plan.closure)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--require") from exc
+        print_results(results)
+    from trainguard.launch.modal_jobs import launch_modal
+
+    job_id, status = launch_modal(spec, options, detach=detach, client=client(), plan=plan)
+    if detach:
+        click.echo(job_id)
+        click.echo(f"detached on Modal; watch with `trainguard status {job_id}` or "
+                   f"`trainguard logs {job_id}`", err=True)
+        return
+    click.echo(f"job {job_id} {status}: {JobTable().get(job_id)['message']}")
+    if status != "succeeded":
+        raise click.exceptions.Exit(1)
+
+
+def refresh(table: JobTable, job: dict) -> dict:
+    """The job row, with a Modal job's status refreshed from Modal (best effort)."""
+    if job.get("backend") != "modal" or job["status"] in ("succeeded", "failed", "stopped"):
+        return job
+    from trainguard.launch.modal_jobs import refresh as refresh_call
+
+    try:
+        refresh_call(table, job["id"], client())
+    except Exception as exc:  # Modal unreachable: show the recorded state, say why
+        click.echo(f"trainguard: warning: cannot reach Modal for job {job['id']}: {exc}",
+                   err=True)
+        return job
+    row = dict(table.get(job["id"]))
+    return row | {"spec": job["spec"]}
+
+
+def logs(table: JobTable, job_id: str) -> None:
+    """Print a Modal job's logs (``modal app logs APP_ID``)."""
+    from trainguard.launch.modal_jobs import modal_call
+
+    call = modal_call(table, job_id)
+    if call is None:
+        raise click.UsageError(f"job {job_id} has no recorded Modal app")
+    client().logs(call["app_id"])
+
+
+def stop(table: JobTable, job_id: str) -> None:
+    """Cancel a Modal job's call; the container gets SIGINT, the Run saves and commits."""
+    from trainguard.launch.modal_jobs import stop as stop_call
+
+    stop_call(table, job_id, client())
+    click.echo(f"job {job_id} stopped (modal function call cancelled)")

@@ -1,0 +1,234 @@
+"""The Modal backend, offline: real modal objects built from a JobSpec, limits, the seam."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from modal._utils.async_utils import synchronizer
+from modal.mount import _Mount
+
+from trainguard.cli import cli
+from trainguard.launch import JobSpec, JobTable, RetryPolicy
+from trainguard.launch.modal_backend import (
+    ModalConfigError,
+    ModalOptions,
+    build_app,
+    build_plan,
+    validate_gpu,
+    validate_retries,
+    validate_timeout,
+)
+from trainguard.launch.modal_entry import JobFailed, Preempted, run_job
+
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "modal_project"
+
+
+@pytest.fixture
+def project(tmp_path):
+    """The sample project, plus a virtualenv inside it whose packages must never ship."""
+    root = tmp_path / "proj"
+    shutil.copytree(FIXTURE, root)
+    site = root / ".venv" / "lib" / "python3.11" / "site-packages" / "fakepkg"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("X = 1\n")
+    (root / ".venv" / "pyvenv.cfg").write_text("home = /usr\n")
+    with open(root / "train.py", "a") as handle:
+        handle.write("\ntry:\n    import fakepkg  # installed, not local\nexcept ImportError:\n"
+                     "    pass\n")
+    return root
+
+
+def _image_files(function) -> dict[str, str]:
+    """Every (local -> container) file the real modal.Image ships, read offline."""
+    image = synchronizer._translate_in(function)._spec.image
+    seen, files, todo = set(), {}, [image]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, _Mount):
+            for entry in obj.entries:
+                files.update({str(local): str(remote) for local, remote in entry.get_files_to_upload()})
+        todo.extend(obj._deps_())
+    return files
+
+
+def _spec(project, **kw) -> JobSpec:
+    return JobSpec("train.py", cwd=str(project), retry=RetryPolicy(5, 30, 2, 60),
+                   timeout=12 * 3600, **kw)
+
+
+def test_image_ships_every_nested_local_package_and_nothing_installed(project):
+    plan = build_plan(_spec(project), ModalOptions(volume="runs", gpu="H100:8",
+                                                   requirements_file=str(project / "requirements.txt")))
+    assert set(plan.local_modules) == {"helpers", "mypkg", "utils_local"}
+    expected = {"train.py", "utils_local.py", "helpers/__init__.py", "helpers/tools.py",
+                "mypkg/__init__.py", "mypkg/models/__init__.py", "mypkg/models/net.py",
+                "mypkg/models/layers.py", "mypkg/data/__init__.py", "mypkg/data/loader.py"}
+    assert {remote.removeprefix("/root/") for remote in plan.files.values()} == expected
+    assert "fakepkg" in plan.third_party and "numpy" in plan.third_party
+
+    app, function = build_app(plan)
+    shipped = _image_files(function)
+    project_files = {k: v for k, v in shipped.items() if not v.startswith("/root/trainguard/")}
+    assert project_files == plan.files  # the plan says exactly what the image ships
+    assert not any("site-packages" in p or ".venv" in p for p in shipped)
+    assert all(not p.endswith(".pyc") for p in shipped)
+    spec = synchronizer._translate_in(function)._spec
+    assert spec.gpus == "H100:8" and list(spec.volumes) == ["/trainguard"]
+    assert plan.packages[:2] == ["numpy==1.26.4", "torch==2.2.2"]
+
+
+def test_dry_run_prints_the_plan_without_contacting_modal(project, monkeypatch):
+    monkeypatch.chdir(project)
+    args = ["run", "train.py", "--backend", "modal", "--gpu", "H100:8,A100-80GB:8", "--timeout",
+            "12h", "--retries", "5", "--retry-delay", "30", "--volume", "runs", "--dry-run"]
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0, text.output
+    assert "nothing from site-packages" in text.output
+    assert "-> /root/mypkg/models/net.py" in text.output and "fakepkg" not in text.output
+    out = CliRunner().invoke(cli, [*args, "--json"])
+    plan = json.loads(out.output)
+    assert plan["gpu"] == ["H100:8", "A100-80GB:8"] and plan["timeout"] == 43200
+    assert plan["retries"] == {"max_retries": 5, "initial_delay": 30.0,
+                               "backoff_coefficient": 2.0, "max_delay": 60.0}
+    assert plan["volume"] == "runs" and plan["mount_path"] == "/trainguard"
+    assert "/root/mypkg/data/loader.py" in plan["files"].values()
+
+
+@pytest.mark.parametrize("args, limit", [
+    (["--timeout", "25h"], "10s to 24h"), (["--timeout", "5s"], "10s to 24h"),
+    (["--retries", "11"], "0 to 10 retries"), (["--retry-delay", "90"], "0 to 60 s"),
+    (["--backoff", "20"], "between 1 and 10"), (["--max-delay", "2m"], "1 to 60 s"),
+    (["--gpu", "H100:9"], "1 to 8 H100"), (["--gpu", "A10:5"], "1 to 4 A10"),
+    (["--gpu", "V100"], "unknown Modal GPU type"), (["--gpu", "H100:x"], "not a whole number"),
+])
+def test_out_of_limit_options_are_refused_with_the_limit(project, monkeypatch, args, limit):
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(cli, ["run", "train.py", "--backend", "modal", "--volume", "v",
+                                      "--dry-run", *args])
+    assert result.exit_code == 2 and limit in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_validators_accept_modal_forms():
+    assert validate_gpu("h100") == "H100"
+    assert validate_gpu("H100:8, a100-80gb:8") == ["H100:8", "A100-80GB:8"]
+    assert validate_timeout(None) == 86400 and validate_timeout(10) == 10
+    assert validate_retries(10, 0, 10, 60)["max_retries"] == 10
+    with pytest.raises(ModalConfigError, match="24h"):
+        validate_timeout(86401)
+    with pytest.raises(ModalConfigError, match="volume name"):
+        ModalOptions(volume="bad name!")
+
+
+class FakeVolume:
+    def __init__(self) -> None:
+        self.commits = 0
+
+    def commit(self) -> None:
+        self.commits += 1
+
+
+def _job(tmp_path, body: str) -> dict:
+    script = tmp_path / "job.py"
+    script.write_text(body)
+    return {"script": str(script), "args": ["--x", "1"], "run_dir": str(tmp_path / "vol/run"),
+            "volume": "v", "mount_path": str(tmp_path / "vol"), "timeout": 0, "env": {}}
+
+
+def test_remote_entry_maps_exit_codes_and_always_commits(tmp_path):
+    volume = FakeVolume()
+    ok = _job(tmp_path, "import os, sys\nassert sys.argv[1:] == ['--x', '1']\n"
+                        "from trainguard.store import open_store\n"
+                        "print(type(open_store(os.environ['TRAINGUARD_RUN_DIR'])).__name__)\n")
+    assert run_job(ok, volume=volume)["exit_code"] == 0 and volume.commits == 1
+    with pytest.raises(Preempted):
+        run_job(_job(tmp_path, "raise SystemExit(75)\n"), volume=volume)
+    with pytest.raises(JobFailed, match="code 3"):
+        run_job(_job(tmp_path, "raise SystemExit(3)\n"), volume=volume)
+    with pytest.raises(ZeroDivisionError):
+        run_job(_job(tmp_path, "1 / 0\n"), volume=volume)
+    assert volume.commits == 4  # committed on every way out, errors included
+
+
+def test_remote_entry_gives_the_script_a_volume_store(tmp_path, capsys):
+    job = _job(tmp_path, "import os\nfrom trainguard.store import open_store\n"
+                         "print(type(open_store(os.environ['TRAINGUARD_RUN_DIR'])).__name__)\n")
+    run_job(job, volume=FakeVolume())
+    assert "ModalVolumeStore" in capsys.readouterr().out
+
+
+class FakeClient:
+    """A fake of the ModalClient seam."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+        self.state = ("running", "")
+
+    def start(self, app, function, job, *, detach):
+        self.calls.append(("start", app.name, detach, job["run_dir"]))
+        return "ap-123", "fc-456"
+
+    def poll(self, call_id):
+        self.calls.append(("poll", call_id))
+        return self.state
+
+    def logs(self, app_id):
+        self.calls.append(("logs", app_id))
+        print(f"logs of {app_id}")
+
+    def cancel(self, call_id):
+        self.calls.append(("cancel", call_id))
+
+
+def test_detached_modal_jobs_are_tracked_through_the_seam(project, tmp_path, monkeypatch):
+    from trainguard.cli import modal_cli
+    from trainguard.launch.modal_jobs import modal_call
+
+    fake = FakeClient()
+    monkeypatch.setattr(modal_cli, "_CLIENT_FACTORY", lambda: fake)
+    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-x")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-x")
+    monkeypatch.chdir(project)
+    runner = CliRunner()
+    out = runner.invoke(cli, ["run", "train.py", "--backend", "modal", "--volume", "runs",
+                              "--requirements", "requirements.txt", "--detach"])
+    assert out.exit_code == 0, out.output
+    job_id = [line for line in out.output.splitlines() if len(line) == 8][-1]
+    assert fake.calls[0] == ("start", "trainguard-train", True, "/trainguard/train")
+    table = JobTable()
+    assert modal_call(table, job_id)["call_id"] == "fc-456"
+    assert table.get(job_id)["backend"] == "modal"
+    ps = runner.invoke(cli, ["ps", "--json"])
+    assert json.loads(ps.output)[0]["status"] == "running" and ("poll", "fc-456") in fake.calls
+    fake.state = ("failed", "JobFailed: exited with code 1")
+    status = runner.invoke(cli, ["status", job_id, "--json"])
+    assert json.loads(status.output)["status"] == "failed"
+    assert "logs of ap-123" in runner.invoke(cli, ["logs", job_id]).output
+    table.update(job_id, status="running")
+    stop = runner.invoke(cli, ["stop", job_id])
+    assert stop.exit_code == 0 and ("cancel", "fc-456") in fake.calls
+    assert table.get(job_id)["status"] == "stopped"
+
+
+def test_modal_launch_is_refused_before_start_when_preflight_fails(project, tmp_path, monkeypatch):
+    from trainguard.cli import modal_cli
+
+    fake = FakeClient()
+    monkeypatch.setattr(modal_cli, "_CLIENT_FACTORY", lambda: fake)
+    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
+    for name in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / "none.toml"))
+    monkeypatch.chdir(project)
+    out = CliRunner().invoke(cli, ["run", "train.py", "--backend", "modal", "--volume", "runs",
+                                   "--detach"])
+    assert out.exit_code == 6 and "modal token new" in out.output
+    assert fake.calls == []
