@@ -122,3 +122,22 @@ def test_local_run_is_refused_when_an_import_is_missing(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["run", str(FIXTURE / "broken.py"), "--retries", "0"])
     assert result.exit_code == 6 and "mypkg.nothere" in result.output
     assert not (tmp_path / "home" / "jobs").exists() or not any((tmp_path / "home" / "jobs").iterdir())
+
+
+def test_preflight_gates_the_data_with_its_counts(tmp_path):
+    from click.testing import CliRunner
+
+    from trainguard.cli import cli
+
+    script = tmp_path / "train.py"
+    script.write_text("import os\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "a.json").write_text("[0, 0]")
+    args = ["preflight", str(script), "--run-dir", str(tmp_path / "run"), "--data", str(cache),
+            "--data-stats", "tests.unit.test_data:count_positive", "--data-pattern", "*.json"]
+    failed = CliRunner().invoke(cli, [*args, "--data-require", "positive > 0"])
+    assert failed.exit_code == 6, failed.output
+    assert "✗ data" in failed.output and "positive > 0 (it is 0)" in failed.output
+    ok = CliRunner().invoke(cli, [*args, "--data-require", "windows >= 2"])
+    assert ok.exit_code == 0 and "✓ data" in ok.output and "windows=2" in ok.output

@@ -67,8 +67,17 @@ def local_target(run_dir: str, gpu: int, checkpoint_bytes: int) -> PreflightTarg
               help="Modal: a package installed in the image (repeatable).")
 @click.option("--checkpoint-size", type=ByteSize(), default=0,
               help="Expected size of one checkpoint, e.g. 2G: checks free disk for 2 of them.")
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
+              help="The dataset directory to gate (its manifest is built or refreshed).")
+@click.option("--data-require", multiple=True, metavar="'NAME OP NUMBER'",
+              help="A condition on the dataset's totals, e.g. 'positive > 0' (repeatable).")
+@click.option("--data-stats", default=None, metavar="MODULE:FUNCTION",
+              help="Per-file statistics function for the dataset manifest.")
+@click.option("--data-pattern", default="**/*", show_default=True,
+              help="Glob of the dataset's files.")
 def preflight_command(script, backend, requires, root, run_dir, gpu, requirements_file,
-                      packages, checkpoint_size) -> None:
+                      packages, checkpoint_size, data_dir, data_require, data_stats,
+                      data_pattern) -> None:
     """Check that SCRIPT can start: credentials, imports, store, disk, versions, GPU."""
     import os
 
@@ -87,6 +96,17 @@ def preflight_command(script, backend, requires, root, run_dir, gpu, requirement
         stem = os.path.splitext(os.path.basename(script))[0]
         count = int(gpu) if gpu and gpu.isdigit() else (1 if gpu else 0)
         target = local_target(run_dir or f"runs/{stem}", count, checkpoint_size)
+    if data_dir is not None:
+        from dataclasses import replace
+
+        from trainguard.data import DataGate
+
+        try:
+            gate = DataGate(data_dir, stats=data_stats, require=data_require,
+                            pattern=data_pattern)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--data-require") from exc
+        target = replace(target, data_gate=gate)
     try:
         results = run_preflight(script, target, root=root or None, requires=requires)
     except ValueError as exc:

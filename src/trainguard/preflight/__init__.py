@@ -10,7 +10,9 @@ any ``✗`` into :class:`PreflightFailed` (exit code 6). The checks:
   environment (this machine, or the Modal image's packages);
 * the store is writable and commits; free disk for >= 2 checkpoints of the expected size;
 * version requirements (``torch==2.2.2``) are met in the target environment;
-* a GPU is visible when one was asked for (local backend).
+* a GPU is visible when one was asked for (local backend);
+* the dataset passes its :class:`~trainguard.data.DataGate` (fresh, non-empty, meets its
+  requirements), when one is given.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from trainguard.errors import TrainguardError
 from trainguard.preflight.checks import (
     CheckResult,
     canonical_name,
+    check_data,
     check_disk,
     check_gpu,
     check_imports,
@@ -38,7 +41,7 @@ from trainguard.preflight.checks import (
 from trainguard.preflight.imports import ImportClosure, ImportSite, import_closure
 
 __all__ = ["CheckResult", "ImportClosure", "ImportSite", "PreflightFailed", "PreflightTarget",
-           "check_disk", "check_gpu", "check_imports", "check_modal_credentials",
+           "check_data", "check_disk", "check_gpu", "check_imports", "check_modal_credentials",
            "check_modal_installed", "check_store", "check_versions", "distribution_of",
            "import_closure", "parse_requirement", "require_ok", "run_preflight"]
 
@@ -74,6 +77,7 @@ class PreflightTarget:
         checkpoint_bytes: the expected size of one checkpoint (0: not checked).
         env: the environment read for credentials (default ``os.environ``).
         home: the home directory holding ``.modal.toml`` (default ``~``).
+        data_gate: a :class:`~trainguard.data.DataGate` the dataset must pass (None: none).
     """
 
     backend: str = "local"
@@ -84,6 +88,7 @@ class PreflightTarget:
     checkpoint_bytes: int = 0
     env: Mapping[str, str] | None = None
     home: str | None = None
+    data_gate: object | None = None
 
     @property
     def where(self) -> str:
@@ -149,6 +154,8 @@ def run_preflight(script: str | os.PathLike, target: PreflightTarget, *,
         results.append(_versions(requires, target))
     if target.gpu and target.backend == "local":
         results.append(check_gpu(target.gpu, gpu_count))
+    if target.data_gate is not None:
+        results.append(check_data(target.data_gate))
     return results
 
 

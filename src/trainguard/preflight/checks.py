@@ -261,3 +261,19 @@ def check_gpu(count: int = 1, device_count: Callable[[], int] | None = None) -> 
 def python_tag() -> str:
     """``"3.11"`` for the running interpreter."""
     return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def check_data(gate) -> CheckResult:
+    """The dataset passes its :class:`~trainguard.data.DataGate` (fresh, non-empty,
+    requirements met); a stale manifest is rebuilt first, as the Run would."""
+    from trainguard.errors import DataGateFailed
+
+    try:
+        manifest = gate.check(log=lambda message: None)
+    except DataGateFailed as exc:
+        return CheckResult("data", False, str(exc),
+                           f"fix the dataset in {gate.root} (or the requirement), then "
+                           f"`trainguard data check {gate.root}`")
+    totals = manifest.totals
+    shown = ", ".join(f"{k}={v:g}" for k, v in sorted(totals.items()))
+    return CheckResult("data", True, f"{gate.root}: {shown}")
