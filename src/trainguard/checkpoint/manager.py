@@ -135,6 +135,11 @@ def _check_file(where: str, data: memoryview, entry: FileEntry) -> None:
                                 f"commit: disk or copy corruption)")
 
 
+def _sharded(manifest: Manifest) -> bool:
+    """Whether the checkpoint was written through torch.distributed.checkpoint."""
+    return "dcp-metadata.json" in manifest.files  # distributed.DCP_METADATA (no import cycle)
+
+
 def _hashed(chunks: Iterable[memoryview], hasher: Hasher) -> Iterator[memoryview]:
     for chunk in chunks:
         hasher.update(chunk)
@@ -511,6 +516,8 @@ class CheckpointManager:
                     raise CheckpointCorrupt(f"{key}: missing") from None
                 _check_file(key, data, files[key])
                 buffers[key] = data
+        if _sharded(info.manifest):  # its tensors load through DCP (restore_state_sharded)
+            return None, {}
         state_key = f"{info.key}/{STATE_FILE}"
         if state_key not in buffers:
             raise CheckpointCorrupt(f"{info.key}: manifest lists no {STATE_FILE}")
@@ -562,6 +569,11 @@ class CheckpointManager:
                 log.warning("skipping checkpoint step %d: %s", info.step, exc)
                 skipped.append(info.step)
                 continue
+            if tree is None and _sharded(info.manifest):  # one process: reshard to full
+                from trainguard.checkpoint.distributed import restore_state_sharded
+
+                return restore_state_sharded(self._tier(info).store, state, info.step,
+                                             info.manifest)
             if not isinstance(tree, dict):
                 raise StateMismatch(f"{info.key}/{STATE_FILE}: top level is not a dict")
             restore_into(state, tree, tensors)

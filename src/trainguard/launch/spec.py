@@ -13,6 +13,8 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 
+from trainguard.launch.torchrun import TorchrunConfig, torchrun_command
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 
@@ -127,8 +129,12 @@ class JobSpec:
     env: dict = field(default_factory=dict)
     cwd: str = ""
     python: str = sys.executable
+    #: Start the script through torchrun (``launch/torchrun.py``); None: plain python.
+    torchrun: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.torchrun is not None:  # a dict keeps to_json/from_json plain; validate it
+            TorchrunConfig(**self.torchrun)
         cwd = os.path.abspath(self.cwd or os.getcwd())
         script = os.path.join(cwd, self.script)
         if not os.path.isfile(script):
@@ -156,6 +162,9 @@ class JobSpec:
     @property
     def command(self) -> list[str]:
         """The command line of one attempt."""
+        if self.torchrun is not None:
+            return torchrun_command(self.python, self.script, self.args,
+                                    TorchrunConfig(**self.torchrun))
         return [self.python, self.script, *self.args]
 
     def to_json(self) -> str:

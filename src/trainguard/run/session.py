@@ -18,6 +18,7 @@ from typing import Any
 from trainguard.checkpoint import CheckpointManager
 from trainguard.run.commits import Committer
 from trainguard.run.config import RunConfig
+from trainguard.run.distributed import open_manager, rank_log_dir
 from trainguard.run.heartbeat import HEARTBEAT_FILE, Heartbeat
 from trainguard.run.metrics import MetricsLogger, show_logs
 from trainguard.run.signals import PreemptionHandler
@@ -43,13 +44,11 @@ class Session:
     def __init__(self, store: str | os.PathLike | Any, log_dir: str | os.PathLike | None,
                  config: RunConfig, clock: Callable[[], float], wall_clock: Callable[[], float],
                  describe: Callable[[], str]) -> None:
-        if isinstance(store, CheckpointManager):
-            if config.keep is not None:
-                raise ValueError("Run(manager, keep=...): give the retention policy to the "
-                                 "CheckpointManager itself, CheckpointManager(..., keep=...)")
-            self.manager = store
-        else:
-            self.manager = CheckpointManager(store, keep=config.keep, mirror=config.mirror)
+        if isinstance(store, CheckpointManager) and config.keep is not None:
+            raise ValueError("Run(manager, keep=...): give the retention policy to the "
+                             "CheckpointManager itself, CheckpointManager(..., keep=...)")
+        # Under torchrun: a manager that knows which rank saves what (run/distributed.py).
+        self.manager = open_manager(store, keep=config.keep, mirror=config.mirror)
         self.metrics: MetricsLogger | None = None
         self.heartbeat: Heartbeat | None = None
         self.signals: PreemptionHandler | None = None
@@ -60,7 +59,7 @@ class Session:
                 raise ValueError(f"{self.manager.store.url} has no local directory for "
                                  f"heartbeat.json and metrics.jsonl; pass "
                                  f"Run(..., log_dir='a/local/dir')")
-            self.dir = Path(root)
+            self.dir = Path(rank_log_dir(root))  # ranks > 0 log beside rank 0, not over it
             # The manager takes the writer lock at its first save; taking it now makes a
             # second writer fail in seconds instead of after its first N steps.
             self.manager.acquire_writer()
