@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainguard import CheckpointError, CheckpointManager, keep_last
+from trainguard import CheckpointError, CheckpointExists, CheckpointManager, keep_last
 from trainguard.store import LocalStore
 
 
@@ -161,3 +161,30 @@ def test_fingerprint_of_tensors_past_float32_exact_indices():
     before = fingerprints([big])
     big[-1] = 7  # the last element is always sampled
     assert fingerprints([big]) != before
+
+
+def test_incremental_never_trusts_tensors_built_for_the_save(tmp_path):
+    """A numpy array is copied into a new tensor at each save: no version history, and the
+    copy may land at the freed address of the last one. It must always be rewritten."""
+    import numpy as np
+
+    array = np.zeros(100_000, dtype=np.float32)
+    mgr = CheckpointManager(tmp_path, incremental=True)
+    for step in range(1, 5):
+        array[12345] = step  # a position the 64-element fingerprint does not sample
+        mgr.save(step, {"a": array}, blocking=True)
+    out = {"a": None}
+    mgr.restore(out)
+    assert out["a"][12345] == 4
+
+
+def test_a_retired_directory_is_never_overwritten(tmp_path):
+    model = _frozen_model()
+    mgr = CheckpointManager(tmp_path, incremental=True, keep=keep_last(1))
+    for step in (1, 2):
+        mgr.save(step, {"model": model}, blocking=True)
+    assert (tmp_path / "checkpoints" / "step-000000001" / "retired.json").exists()
+    mgr.close()
+    with pytest.raises(CheckpointExists, match="still read"):
+        CheckpointManager(tmp_path).save(1, {"model": model})  # e.g. a fresh start
+    assert mgr.verify(2).valid

@@ -149,3 +149,26 @@ def test_gc_never_deletes_newest_and_removes_interrupted_saves(tmp_path):
     deleted = mgr.gc(keep_best(1, "loss", "max"))
     assert [c.step for c in deleted] == [2, 4]
     assert [c.step for c in mgr.list()] == [1, 3]  # 1 is best, 3 is the newest valid
+
+
+def test_reaching_a_corrupt_step_again_replaces_it(tmp_path):
+    """restore skipped the rotten step 2; training reaches step 2 again and must save."""
+    mgr = _save_steps(tmp_path, [1, 2])
+    victim = _files_of_newest(tmp_path)[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert _restored(mgr)[0] == 1
+    mgr.save(2, _state(2), blocking=True)
+    assert mgr.verify(2).valid and _restored(mgr)[0] == 2
+
+
+def test_gc_keeps_the_newest_checkpoint_that_really_verifies(tmp_path):
+    mgr = _save_steps(tmp_path, [1, 2])
+    victim = _files_of_newest(tmp_path)[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # bit rot: same size, the cheap check passes
+    victim.write_bytes(bytes(data))
+    mgr.gc(keep_last(1))
+    assert 1 in [c.step for c in mgr.list()]
+    assert _restored(mgr)[0] == 1

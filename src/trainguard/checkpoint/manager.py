@@ -51,7 +51,7 @@ from trainguard.checkpoint.mirror import Mirror
 from trainguard.checkpoint.retention import RetentionPolicy
 from trainguard.checkpoint.saving import FinalPieces, SaveHandle, SaveJob
 from trainguard.checkpoint.snapshot import ChangeTracker, HostArena, Location
-from trainguard.checkpoint.tree import flatten, restore_into
+from trainguard.checkpoint.tree import flatten_with_fresh, restore_into
 from trainguard.errors import (
     CheckpointCorrupt,
     CheckpointError,
@@ -312,15 +312,11 @@ class CheckpointManager:
             return SaveHandle(step)
         self._raise_pending()
         self.acquire_writer()
-        if self.store.exists(f"{key}/{MANIFEST}"):
-            raise CheckpointExists(
-                f"step {step} is already committed at {self.store.url}/{key}; "
-                f"save under a new step, or delete that checkpoint first"
-            )
+        self._clear_the_way(step, key)
         started = time.monotonic()
-        tree, tensors = flatten(state)
+        tree, tensors, fresh = flatten_with_fresh(state)
         if self.incremental:
-            changed, unchanged, observed = self._tracker.split(tensors)
+            changed, unchanged, observed = self._tracker.split(tensors, fresh)
         else:
             changed, unchanged, observed = tensors, {}, None
         for stale in self.store.list(key):  # leftovers of an interrupted save of this step
@@ -358,6 +354,30 @@ class CheckpointManager:
         if blocking:
             handle.wait()
         return handle
+
+    def _clear_the_way(self, step: int, key: str) -> None:
+        """Refuse to overwrite a good checkpoint; un-commit a bad one at the same step.
+
+        A checkpoint that fails verification was skipped by ``restore``; reaching its
+        step again must replace it, not fail forever. A retired directory holds files
+        that kept (incremental) checkpoints read: it is never overwritten.
+        """
+        if self.store.exists(f"{key}/{RETIRED}"):
+            raise CheckpointExists(
+                f"{self.store.url}/{key} holds files that later checkpoints still read "
+                f"(incremental saves); save under a step after the newest checkpoint, or "
+                f"start a new run directory")
+        if not self.store.exists(f"{key}/{MANIFEST}"):
+            return
+        existing = self.verify(step)
+        if existing.valid:
+            raise CheckpointExists(
+                f"step {step} is already committed at {self.store.url}/{key}; "
+                f"save under a new step, or delete that checkpoint first")
+        log.warning("replacing checkpoint step %d, which does not verify (%s)", step,
+                    existing.problem)
+        self.store.delete(f"{key}/{MANIFEST}")  # un-commit first, as retention does
+        self.store.commit()
 
     def _stage(self, tensors: dict[str, torch.Tensor], job: SaveJob) -> list[ShardPlan]:
         """Copy tensors into the host arena shard by shard, handing each to the job."""
@@ -587,13 +607,22 @@ class CheckpointManager:
     def gc(self, policy: RetentionPolicy, *, dry_run: bool = False) -> list[CheckpointInfo]:
         """Delete what ``policy`` does not keep (and interrupted saves); returns those.
 
+        Besides the policy, the newest checkpoint that fully verifies is always kept.
+
         Raises:
             LockHeld: a live writer owns the run directory (its own policy applies).
         """
         self._drain()
         if not dry_run:
             self.acquire_writer()
-        return self._apply_retention(policy, protect=set(), dry_run=dry_run)
+        # The newest checkpoint that verifies byte for byte is kept whatever the policy
+        # says: the cheap check alone could protect a rotten one and delete the good.
+        protect = set()
+        for info in reversed(self.list()):
+            if info.valid and self.verify(info.step).valid:
+                protect.add(info.step)
+                break
+        return self._apply_retention(policy, protect=protect, dry_run=dry_run)
 
     def _apply_retention(self, policy: RetentionPolicy, protect: set[int],
                          dry_run: bool = False) -> list[CheckpointInfo]:

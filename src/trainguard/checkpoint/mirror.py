@@ -16,7 +16,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from trainguard.checkpoint.format import MANIFEST, RETIRED, Manifest, step_dir
+from trainguard.checkpoint.format import (
+    MANIFEST,
+    RETIRED,
+    FileEntry,
+    Manifest,
+    checksum,
+    step_dir,
+)
+from trainguard.errors import CheckpointCorrupt
 from trainguard.store.base import Store
 
 log = logging.getLogger("trainguard.mirror")
@@ -145,17 +153,21 @@ def copy_checkpoint(source: Store, dest: Store, step: int,
     except FileNotFoundError:
         return None
     manifest = Manifest.from_bytes(raw, f"{key}/{MANIFEST}")
-    pieces = [(f"{key}/{name}", entry.checksum) for name, entry in manifest.files.items()]
-    pieces += [(ref.key, ref.checksum) for ref in manifest.refs]
-    for file_key, digest in pieces:
-        if sent.get(file_key) == digest:
+    pieces = [(f"{key}/{name}", entry) for name, entry in manifest.files.items()]
+    pieces += [(ref.key, FileEntry(ref.size, ref.checksum)) for ref in manifest.refs]
+    for file_key, entry in pieces:
+        if sent.get(file_key) == entry.checksum:
             continue
         try:
             data = source.read(file_key)
         except FileNotFoundError:
             return None
+        if len(data) != entry.size or checksum(data) != entry.checksum:
+            # Never spread bad bytes: the copy would look committed at the destination.
+            raise CheckpointCorrupt(f"{source.url}/{file_key} does not match its manifest; "
+                                    f"not copied")
         dest.write(file_key, data)
-        sent[file_key] = digest
+        sent[file_key] = entry.checksum
     for ref_step in {ref.step for ref in manifest.refs}:
         ref_dir = step_dir(ref_step)
         if not dest.exists(f"{ref_dir}/{MANIFEST}") and not dest.exists(f"{ref_dir}/{RETIRED}"):

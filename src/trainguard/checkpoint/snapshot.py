@@ -11,7 +11,8 @@ so they see every kernel queued before ``save``; the stream is synchronized befo
 previous save without hashing them on the device. A tensor counts as unchanged when all
 of these match what they were at the previous save:
 
-* its storage pointer, offset, shape, stride, dtype and device (same memory), and
+* the same storage object (held by weak reference: memory freed and reused at the same
+  address is a different object), its offset, shape, stride, dtype and device, and
 * torch's version counter, which every in-place op bumps (optimizer steps, ``copy_``,
   ``add_`` under ``no_grad``, ``load_state_dict``), and
 * a fingerprint of 64 evenly spaced elements (one small gather + one tiny device-to-host
@@ -24,6 +25,7 @@ unchanged would go unseen; that is why incremental saves are opt-in.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +154,7 @@ class _Seen:
     identity: tuple
     fingerprint: str
     location: Location
+    storage: weakref.ref  # the very storage object: a new one at a reused address differs
 
 
 class ChangeTracker:
@@ -160,8 +163,14 @@ class ChangeTracker:
     def __init__(self) -> None:
         self._seen: dict[str, _Seen] = {}
 
-    def split(self, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
-        """Split into (changed tensors, unchanged name -> Location, name -> (id, fp)).
+    def split(self, tensors: dict[str, torch.Tensor],
+              fresh: frozenset[str] = frozenset()) -> tuple[dict, dict, dict]:
+        """Split into (changed tensors, unchanged name -> Location, name -> observation).
+
+        Args:
+            tensors: the state's tensors by name.
+            fresh: names of tensors built anew for this save (numpy arrays copied into a
+                tensor, say): they carry no history, so they always count as changed.
 
         The third item is what :meth:`commit` records once the save has committed.
         """
@@ -171,9 +180,11 @@ class ChangeTracker:
         for name, fingerprint in zip(names, prints):
             tensor = tensors[name]
             identity = _identity(tensor)
-            observed[name] = (identity, fingerprint)
+            storage = tensor.untyped_storage()
+            observed[name] = (identity, fingerprint, weakref.ref(storage))
             seen = self._seen.get(name)
-            if seen is not None and seen.identity == identity and seen.fingerprint == fingerprint:
+            if (name not in fresh and seen is not None and seen.storage() is storage
+                    and seen.identity == identity and seen.fingerprint == fingerprint):
                 unchanged[name] = seen.location
             else:
                 changed[name] = tensor
@@ -181,8 +192,8 @@ class ChangeTracker:
 
     def commit(self, observed: dict, locations: dict[str, Location]) -> None:
         """Record the committed save: every tensor's identity and where its bytes are."""
-        self._seen = {name: _Seen(identity, fingerprint, locations[name])
-                      for name, (identity, fingerprint) in observed.items()}
+        self._seen = {name: _Seen(identity, fingerprint, locations[name], storage)
+                      for name, (identity, fingerprint, storage) in observed.items()}
 
     def forget(self) -> None:
         """Drop what is known (after a failed save or a restore): the next save is full."""

@@ -49,6 +49,8 @@ class Flattener:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        #: names of tensors made for this save (copies of numpy arrays): no history
+        self.fresh: set[str] = set()
 
     def _name(self, path: tuple) -> str:
         base = _path_str(path)
@@ -107,6 +109,7 @@ class Flattener:
         name = self._name(path)
         raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         self.tensors[name] = torch.from_numpy(raw.copy())
+        self.fresh.add(name)
         return {TAG: "ndarray", "name": name, "dtype": array.dtype.str,
                 "shape": list(array.shape)}
 
@@ -117,10 +120,16 @@ def flatten(state: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     Raises:
         TypeError: ``state`` is not a dict, or holds a value that needs pickle.
     """
+    tree, tensors, _fresh = flatten_with_fresh(state)
+    return tree, tensors
+
+
+def flatten_with_fresh(state: dict) -> tuple[dict, dict[str, torch.Tensor], frozenset[str]]:
+    """:func:`flatten`, plus the names of tensors created for this save (no history)."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict of named objects, got {type(state).__name__}")
     flattener = Flattener()
-    return flattener.encode(state), flattener.tensors
+    return flattener.encode(state), flattener.tensors, frozenset(flattener.fresh)
 
 
 def _device_of(node: dict) -> torch.device:

@@ -36,13 +36,17 @@ def sync_once(source: str, dest: str, *, keep: int = 2) -> CheckpointInfo:
         if latest is None:
             raise CheckpointNotFound(f"{source} has no committed checkpoint yet")
         have = {i.step for i in dst.list() if i.valid}
-        if latest.step not in have:
+        if latest.step in have and dst.verify(latest.step).valid:
+            checked = dst.verify(latest.step)
+        else:
             if copy_checkpoint(src.store, dst.store, latest.step) is None:
-                continue
-        checked = dst.verify(latest.step)
+                continue  # retention deleted it mid-copy: take the next newest
+            checked = dst.verify(latest.step)
         if not checked.valid:
-            raise CheckpointCorrupt(f"copy of step {latest.step} at {dest} does not verify: "
-                                    f"{checked.problem}")
+            dst.store.delete(f"{checked.key}/manifest.json")  # never leave it looking valid
+            dst.store.commit()
+            raise CheckpointCorrupt(f"copy of step {latest.step} at {dest} does not verify "
+                                    f"({checked.problem}); removed, retry the sync")
         dst.gc(keep_last(keep))
         dst.close()
         return checked
@@ -58,6 +62,8 @@ def watch(source: str, dest: str, every: float, *, report: Callable[[CheckpointI
             report(sync_once(source, dest, keep=keep))
         except CheckpointNotFound as exc:
             log.info("%s", exc)
+        except CheckpointCorrupt as exc:  # the next round tries again
+            log.warning("%s", exc)
         done += 1
         if rounds is None or done < rounds:
             sleep(every)
