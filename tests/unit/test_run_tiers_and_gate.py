@@ -51,3 +51,21 @@ def test_run_defaults_to_the_launchers_run_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("TRAINGUARD_RUN_DIR")
     with pytest.raises(ValueError, match="needs a run directory"):
         Run(save_every_steps=1)
+
+
+def test_an_error_inside_a_step_is_kept_but_not_resumed_from(tmp_path):
+    model = torch.nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="boom"):
+        with Run(tmp_path, save_every_steps=3) as run:
+            run.track(model=model, optimizer=opt)
+            for step in run.steps(10):
+                model(torch.ones(2, 3)).sum().backward()
+                opt.step()  # step 5's update is applied...
+                if step == 5:
+                    raise RuntimeError("boom")  # ...then the body fails
+    infos = CheckpointManager(tmp_path).list()
+    assert [(c.step, c.reason) for c in infos][-2:] == [(3, "periodic"), (4, "error")]
+    assert infos[-1].manifest.tags["resumable"] == "false"
+    with Run(tmp_path, save_every_steps=3) as run:
+        assert run.track(model=torch.nn.Linear(3, 3)) == 3  # the consistent commit

@@ -135,6 +135,11 @@ def _check_file(where: str, data: memoryview, entry: FileEntry) -> None:
                                 f"commit: disk or copy corruption)")
 
 
+def _resumable(info: CheckpointInfo) -> bool:
+    """False for a checkpoint saved mid-step after an error (tag ``resumable=false``)."""
+    return info.manifest is None or info.manifest.tags.get("resumable") != "false"
+
+
 def _sharded(manifest: Manifest) -> bool:
     """Whether the checkpoint was written through torch.distributed.checkpoint."""
     return "dcp-metadata.json" in manifest.files  # distributed.DCP_METADATA (no import cycle)
@@ -579,6 +584,11 @@ class CheckpointManager:
             candidates = self._candidates()
         skipped = []
         for info in candidates:
+            if step is None and not _resumable(info):
+                log.info("skipping checkpoint step %d: saved after an error in the middle of "
+                         "a step (kept for inspection; restore(step=%d) loads it)",
+                         info.step, info.step)
+                continue
             try:
                 if not info.valid:
                     raise CheckpointCorrupt(f"{info.key}: {info.problem}")
@@ -630,7 +640,10 @@ class CheckpointManager:
         valid = [c for c in infos if c.valid]
         keep = set(policy(valid)) | protect
         if valid:
-            keep.add(valid[-1].step)  # never delete the newest valid checkpoint
+            keep.add(valid[-1].step)  # never delete the newest valid checkpoint...
+            resumable = [c for c in valid if _resumable(c)]
+            if resumable:
+                keep.add(resumable[-1].step)  # ...nor the newest one resume would pick
         # Files of deleted checkpoints that kept (incremental) ones still read from.
         referenced = {(ref.step, ref.name) for c in valid if c.step in keep
                       for ref in c.manifest.refs}

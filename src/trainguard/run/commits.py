@@ -142,8 +142,10 @@ class Committer:
         """Commit ``state`` as ``reason="error"`` after ``exc``; never raises.
 
         The state is what the exception left, labelled with ``done``, the last completed
-        step. Nothing is saved when nothing happened since the last save, or when the
-        model's parameters hold NaN/inf (resuming from them would be worse than nothing).
+        step. When the exception came from inside a step's body the checkpoint is tagged
+        ``resumable=false``: automatic resume skips it (the state may hold half a step).
+        Nothing is saved when nothing happened since the last save, or when the model's
+        parameters hold NaN/inf (resuming from them would be worse than nothing).
         """
         kind, what = type(exc).__name__, f"{type(exc).__name__}: {exc}"[:1000]
         try:
@@ -158,8 +160,14 @@ class Committer:
             log.error("%s at step %d; not saving an error checkpoint: the model's parameters "
                       "hold NaN/inf", kind, at_step)
             return
+        tags = {"error": what}
+        if at_step != done:
+            # Raised inside step at_step's body: the state may hold part of that step (an
+            # optimizer update, a data batch consumed). Kept for inspection; automatic
+            # resume goes back to the newest consistent commit instead.
+            tags["resumable"] = "false"
         try:
-            self.save(done, state, "error", tags={"error": what}, wait=True)
+            self.save(done, state, "error", tags=tags, wait=True)
         except Exception as save_exc:
             log.error("could not save the error checkpoint (%s: %s); re-raising the original "
                       "error", type(save_exc).__name__, save_exc)
