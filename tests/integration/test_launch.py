@@ -158,3 +158,23 @@ def test_budget_stops_the_job_gracefully(home, tmp_path):
     assert row["cost_usd"] <= 9.0
     assert JobTable().attempts(job_id)[0].exit_code == 75  # it saved and committed
     assert CheckpointManager(tmp_path / "run").latest_valid().reason == "preempted"
+
+
+def test_a_moved_script_and_a_dead_supervisor_are_handled(home, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text((ROOT / JOB).read_text())
+    run_dir = tmp_path / "run"
+    job_id = tg("run", "--detach", script, "--run-dir", run_dir, "--", "--steps", 100000,
+                "--sleep", 0.05).stdout.strip()
+    wait_for(lambda: (job_row(job_id)["step"] or 0) >= 3, what="training progress")
+    script.unlink()  # e.g. a `git checkout` while the job runs
+    assert tg("status", job_id).returncode == 0  # still listed and watched
+    row = job_row(job_id)
+    os.kill(row["supervisor_pid"], signal.SIGKILL)  # the supervisor dies
+    wait_for(lambda: "lost" in tg("ps").stdout, what="ps to show the job lost")
+    stopped = tg("stop", job_id)
+    assert stopped.returncode == 0 and "training process was stopped too" in stopped.stdout
+    with pytest.raises(ProcessLookupError):
+        os.kill(row["child_pid"], 0)
+    assert job_row(job_id)["status"] == "stopped"
+    assert CheckpointManager(run_dir).latest_valid().reason == "preempted"

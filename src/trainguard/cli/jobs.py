@@ -343,6 +343,9 @@ def stop_command(job: str, now: bool, wait: bool) -> None:
 
         modal_cli.stop(table, job_id)
         return
+    if _status(current) == "lost":  # no supervisor to ask: stop the attempt ourselves
+        _stop_orphan(table, current, now)
+        return
     table.update(job_id, stop_requested=2 if now else 1)
     if not wait:
         click.echo(f"stop requested for {job_id}")
@@ -358,6 +361,35 @@ def stop_command(job: str, now: bool, wait: bool) -> None:
         time.sleep(0.3)
     raise TrainguardError(f"job {job_id} did not stop within {current['spec'].stop_grace + 60:.0f}"
                           f" s; `trainguard stop {job_id} --now` kills it")
+
+
+def _stop_orphan(table: JobTable, job: dict, now: bool) -> None:
+    """The supervisor died; its attempt may live on in its own session. Stop that."""
+    import signal
+
+    pid = job.get("child_pid")
+    alive = bool(pid) and _pid_alive(pid)
+    if alive:
+        os.killpg(pid, signal.SIGKILL if now else signal.SIGTERM)  # the Run saves on TERM
+        deadline = time.monotonic() + (0 if now else job["spec"].stop_grace)
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    table.update(job["id"], status="stopped", child_pid=None,
+                 message="stopped by `trainguard stop` after its supervisor was lost")
+    click.echo(f"job {job['id']} stopped (its supervisor had died"
+               + ("; the training process was stopped too)" if alive else ")"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @click.command("sync")

@@ -97,8 +97,8 @@ class JobTable:
         Raises:
             JobNotFound: no job, or several, match.
         """
-        rows = self._db.execute("SELECT id FROM jobs WHERE id LIKE ? ORDER BY created",
-                                (prefix.replace("%", "") + "%",)).fetchall()
+        rows = self._db.execute("SELECT id FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY "
+                                "created", (len(prefix), prefix)).fetchall()
         if not prefix or not rows:
             raise JobNotFound(f"no job {prefix!r}; `trainguard ps` lists the jobs")
         if len(rows) > 1:

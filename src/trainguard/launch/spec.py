@@ -11,6 +11,7 @@ import math
 import os
 import re
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 
 from trainguard.launch.torchrun import TorchrunConfig, torchrun_command
@@ -93,6 +94,9 @@ class RetryPolicy:
         return min(self.max_delay, self.delay * self.backoff ** (retry - 1))
 
 
+_LOADING = threading.local()  # .active is set while from_json rebuilds a stored spec
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """A job: a script, its arguments, its run directory, and how to keep it alive.
@@ -137,7 +141,7 @@ class JobSpec:
             TorchrunConfig(**self.torchrun)
         cwd = os.path.abspath(self.cwd or os.getcwd())
         script = os.path.join(cwd, self.script)
-        if not os.path.isfile(script):
+        if not getattr(_LOADING, "active", False) and not os.path.isfile(script):
             raise FileNotFoundError(f"script {self.script} does not exist (looked in {cwd})")
         set_ = object.__setattr__
         set_(self, "cwd", cwd)
@@ -172,7 +176,14 @@ class JobSpec:
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
+        """A stored spec. The script is not required to exist any more: a job whose
+        script was moved must still be listed, watched and stopped (its next attempt
+        fails and says why)."""
         doc = json.loads(text)
         doc["retry"] = RetryPolicy(**doc["retry"])
         doc["args"] = tuple(doc["args"])
-        return cls(**doc)
+        _LOADING.active = True
+        try:
+            return cls(**doc)
+        finally:
+            _LOADING.active = False

@@ -140,6 +140,10 @@ class Supervisor:
     def _attempt(self, n: int) -> tuple[int | None, str]:
         log_path = self.table.job_dir(self.job_id) / f"attempt-{n}.log"
         self.table.start_attempt(self.job_id, n)
+        if not os.path.isfile(self.spec.script):
+            with open(log_path, "a") as out:
+                out.write(f"trainguard: {self.spec.script} no longer exists; not started\n")
+            return None, "script missing"
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(self.spec.command, cwd=self.spec.cwd, env=self._child_env(),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

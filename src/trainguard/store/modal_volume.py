@@ -162,7 +162,10 @@ class ModalVolumeReader:
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> memoryview:
         """Read (part of) a committed file; the last file read is cached."""
-        if self._cache is None or self._cache[0] != key:
+        cached = self._cache  # one read of the attribute: restore reads from two threads
+        if cached is not None and cached[0] == key:
+            data = cached[1]
+        else:
             try:
                 data = b"".join(self.volume.read_file(self._path(key)))
             except FileNotFoundError:
@@ -172,7 +175,6 @@ class ModalVolumeReader:
                     raise FileNotFoundError(f"{self._url}/{key}") from exc
                 raise StoreError(f"cannot read {self._url}/{key}: {exc}") from exc
             self._cache = (key, data)
-        data = self._cache[1]
         end = len(data) if length is None else offset + length
         return memoryview(data)[offset:end]
 
