@@ -178,3 +178,21 @@ def test_a_moved_script_and_a_dead_supervisor_are_handled(home, tmp_path):
         os.kill(row["child_pid"], 0)
     assert job_row(job_id)["status"] == "stopped"
     assert CheckpointManager(run_dir).latest_valid().reason == "preempted"
+
+
+def test_torchrun_job_killed_rank_is_retried_and_resumes(home, tmp_path):
+    run_dir = tmp_path / "run"
+    result = tg("run", "tests/integration/dist_scripts/ddp_train.py", "--run-dir", run_dir,
+                "--nproc-per-node", 2, "--retries", 2, "--retry-delay", "0", "--",
+                run_dir, 12, tmp_path / "out.pt", 7, tmp_path / "crashed", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = result.stdout.split()[1]
+    attempts = JobTable().attempts(job_id)
+    assert [a.exit_code == 0 for a in attempts] == [False, True]  # rank 1 died, then resumed
+    assert CheckpointManager(run_dir).latest_valid().step == 12
+    assert (tmp_path / "out.pt").exists()
+
+
+def test_bad_torchrun_options(home):
+    result = tg("run", JOB, "--nnodes", "2")
+    assert result.returncode == 2 and "rdzv" in result.stderr.lower(), result.stderr

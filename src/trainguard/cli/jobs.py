@@ -98,22 +98,38 @@ def _env_pairs(pairs: tuple[str, ...]) -> dict:
 @click.option("--no-preflight", is_flag=True, help="Skip the checks run before launching.")
 @click.option("--dry-run", is_flag=True, help="Modal: print the resolved plan, launch nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
+              help="Start SCRIPT through torchrun with this many processes per node.")
+@click.option("--nnodes", default="1", show_default=True,
+              help="torchrun nodes: M, or an elastic range MIN:MAX.")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+              help="torchrun rendezvous endpoint (needed with several nodes).")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
+              help="torchrun's elastic restarts inside one attempt.")
 @click.pass_context
 def run_command(ctx, script, script_args, run_dir, name, detach, retries, retry_delay, backoff,
                 max_delay, timeout, hang_timeout, stop_grace, gpu_hourly_usd, budget_usd,
                 env_pairs, backend, gpu, volume, cpu, memory, requirements_file, packages,
-                root, requires, no_preflight, dry_run, as_json) -> None:
+                root, requires, no_preflight, dry_run, as_json, nproc_per_node, nnodes,
+                rdzv_endpoint, max_restarts) -> None:
     """Run SCRIPT under a supervisor: retries, timeouts, hang detection, always resume.
 
     Arguments after `--` go to the script:
     trainguard run train.py --retries 5 --timeout 12h -- --lr 3e-4
     """
+    torchrun = None
+    if nproc_per_node is not None or nnodes != "1" or rdzv_endpoint:
+        if backend == "modal":
+            raise click.UsageError("--nproc-per-node/--nnodes are for the local backend; on "
+                                   "Modal multi-GPU functions are not built yet")
+        torchrun = {"nproc_per_node": nproc_per_node or 1, "nnodes": nnodes,
+                    "rdzv_endpoint": rdzv_endpoint, "max_restarts": max_restarts}
     try:
         spec = JobSpec(script, tuple(script_args), run_dir=run_dir, name=name,
                        retry=RetryPolicy(retries, retry_delay, backoff, max_delay),
                        timeout=timeout, hang_timeout=hang_timeout, stop_grace=stop_grace,
                        gpu_hourly_usd=gpu_hourly_usd, budget_usd=budget_usd,
-                       env=_env_pairs(env_pairs))
+                       env=_env_pairs(env_pairs), torchrun=torchrun)
     except FileNotFoundError as exc:
         raise click.BadParameter(str(exc), param_hint="SCRIPT") from exc
     except ValueError as exc:

@@ -201,7 +201,9 @@ class Supervisor:
             beat = read_heartbeat(self.spec.run_dir)
         except ValueError:
             beat = None
-        mine = beat is not None and beat.pid == pid and beat.started >= started_wall - 1
+        # This attempt's heartbeat: written by a process started after the attempt began
+        # (under torchrun the writer is rank 0, a grandchild, so its pid is not ``pid``).
+        mine = beat is not None and beat.started >= started_wall - 1
         last_progress = max(started_wall, beat.last_progress) if mine else started_wall
         if not force and now - self._last_refresh < 1.0:
             return last_progress
