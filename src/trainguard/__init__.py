@@ -5,7 +5,7 @@ object store, a guard around the training loop (``Run``), jobs that survive thei
 launcher (``trainguard run``), and data gates that stop doomed runs before they start.
 """
 
-__version__ = "0.1.0"
+from trainguard._version import __version__
 
 from trainguard.checkpoint import (  # noqa: E402
     CheckpointInfo,

@@ -110,7 +110,7 @@ class CheckpointInfo:
 def _versions() -> dict[str, str]:
     import safetensors
 
-    from trainguard import __version__
+    from trainguard._version import __version__
 
     return {"trainguard": __version__, "torch": torch.__version__,
             "safetensors": safetensors.__version__, "python": platform.python_version()}

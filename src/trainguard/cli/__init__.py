@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from trainguard import __version__
+from trainguard._version import __version__
 from trainguard.cli.checkpoints import gc_command, ls_command, verify_command
 from trainguard.cli.data import data_group
 from trainguard.cli.jobs import (
