@@ -164,3 +164,40 @@ def test_shards_are_bounded_and_open_with_safetensors(tmp_path):
     assert set(seen) == {f"w/{k}" for k in tensors}
     for key, tensor in tensors.items():
         assert torch.equal(seen[f"w/{key}"], tensor)
+
+
+def test_restore_keeps_tied_weights_tied_and_parameters_the_same_objects(tmp_path):
+    """A CPU module adopts the verified restored memory (no copy), unless that would
+    untie weights that share memory: then it copies."""
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.out = torch.nn.Linear(4, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(self.emb(x))
+
+    for make in (Tied, lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))):
+        torch.manual_seed(0)
+        model = make()
+        mgr = CheckpointManager(tmp_path / type(model).__name__)
+        mgr.save(1, {"model": model}, blocking=True)
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        params = list(model.parameters())
+        with torch.no_grad():
+            for p in params:
+                p.zero_()
+        for _ in range(2):  # the second restore starts from adopted memory
+            mgr.restore({"model": model})
+            assert list(model.parameters()) == params  # same Parameter objects
+            for key, value in model.state_dict().items():
+                assert torch.equal(value, expected[key]), key
+        if isinstance(model, Tied):
+            assert model.out.weight is model.emb.weight
+            assert model.out.weight.data_ptr() == model.emb.weight.data_ptr()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randint(0, 10, (3,)) if isinstance(model, Tied) else torch.randn(3, 4)
+        model(x).sum().backward()
+        optimizer.step()  # training goes on in the adopted memory

@@ -197,7 +197,9 @@ def restore_into(target: Any, node: Any, tensors: dict[str, torch.Tensor],
     tag = node.get(TAG) if isinstance(node, dict) else None
     if tag == "stateful" and is_stateful(target):
         in_place = isinstance(target, torch.nn.Module)  # modules copy_ into parameters
-        target.load_state_dict(decode(node["state"], tensors, clone=not in_place))
+        state = decode(node["state"], tensors, clone=not in_place)
+        if not (in_place and _adopt(target, state)):
+            target.load_state_dict(state)
         return target
     if tag == "tensor" and isinstance(target, torch.Tensor):
         source = _tensor(node, tensors)
@@ -219,3 +221,37 @@ def restore_into(target: Any, node: Any, tensors: dict[str, torch.Tensor],
             target[i] = restore_into(target[i], child, tensors, path + (i,))
         return target
     return decode(node, tensors)
+
+
+def _adopt(module: torch.nn.Module, state: dict) -> bool:
+    """Give a CPU module's parameters and buffers the restored (already verified) memory
+    instead of copying into it: the same Parameter objects, new storage. Saves a full
+    copy of the model on restore. Only when it is plainly safe; False -> copy instead.
+
+    Not for: tensors off the CPU, tied or otherwise storage-sharing tensors (adopting
+    would untie them), DDP-wrapped modules (their hooks know the old storage), any key,
+    shape or dtype that does not match exactly.
+    """
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return False
+    live = module.state_dict(keep_vars=True)
+    if set(live) != set(state):
+        return False
+    spans = []
+    for name, tensor in live.items():
+        source = state[name]
+        if (not isinstance(tensor, torch.Tensor) or not isinstance(source, torch.Tensor)
+                or tensor.device.type != "cpu" or source.device.type != "cpu"
+                or type(tensor) not in (torch.Tensor, torch.nn.Parameter)
+                or tensor.shape != source.shape or tensor.dtype != source.dtype
+                or not tensor.is_contiguous()):
+            return False
+        if tensor.numel():
+            spans.append((tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes))
+    spans.sort()
+    if any(end > start for (_, end), (start, _) in zip(spans, spans[1:])):
+        return False  # two entries overlap in memory (tied weights, views)
+    with torch.no_grad():
+        for name, tensor in live.items():
+            tensor.data = state[name]
+    return True
