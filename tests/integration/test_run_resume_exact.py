@@ -60,7 +60,10 @@ def test_kill_and_restart_ends_bit_identical(tmp_path):
 
     rng = random.Random(int(os.environ.get("TRAINGUARD_KILL_SEED", "20240611")))
     for mode in PLAN:
-        target = rng.randint(latest_step(resumed) + 1, TOTAL - 2)
+        # On a loaded machine a kill lands late and the run gets further than planned:
+        # never ask for a target it has already passed or cannot reach before the end.
+        start_at = min(latest_step(resumed) + 1, TOTAL - 8)
+        target = rng.randint(start_at, max(start_at, TOTAL - 8 + PLAN.index(mode) // 2))
         _interrupt(resumed, mode, target, log)
     proc = start(resumed, stderr_path=log)
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
