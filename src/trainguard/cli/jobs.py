@@ -23,6 +23,7 @@ from trainguard.launch import (
     watch,
 )
 from trainguard.launch.jobs import FINAL
+from trainguard.store.lock import pid_alive
 
 
 class Duration(click.ParamType):
@@ -212,13 +213,7 @@ def _status(job: dict) -> str:
     """The job's status, or ``lost`` when its supervisor died without recording an end."""
     if job["status"] in FINAL or job["backend"] != "local" or not job.get("supervisor_pid"):
         return job["status"]
-    try:
-        os.kill(job["supervisor_pid"], 0)
-    except ProcessLookupError:
-        return "lost"
-    except PermissionError:
-        pass
-    return job["status"]
+    return job["status"] if pid_alive(job["supervisor_pid"]) else "lost"
 
 
 def _summary(job: dict) -> str:
@@ -384,28 +379,18 @@ def _stop_orphan(table: JobTable, job: dict, now: bool) -> None:
     import signal
 
     pid = job.get("child_pid")
-    alive = bool(pid) and _pid_alive(pid)
+    alive = bool(pid) and pid_alive(pid)
     if alive:
         os.killpg(pid, signal.SIGKILL if now else signal.SIGTERM)  # the Run saves on TERM
         deadline = time.monotonic() + (0 if now else job["spec"].stop_grace)
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             os.killpg(pid, signal.SIGKILL)
     table.update(job["id"], status="stopped", child_pid=None,
                  message="stopped by `trainguard stop` after its supervisor was lost")
     click.echo(f"job {job['id']} stopped (its supervisor had died"
                + ("; the training process was stopped too)" if alive else ")"))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @click.command("sync")

@@ -21,7 +21,8 @@ from trainguard.errors import LockHeld
 _FLOCK_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -99,7 +100,7 @@ class FileLock:
         if holder.get("host") != socket.gethostname():
             return False  # cannot see another host's processes: assume alive
         pid = holder.get("pid")
-        return not isinstance(pid, int) or not _pid_alive(pid)
+        return not isinstance(pid, int) or not pid_alive(pid)
 
     def release(self) -> None:
         """Release the lock (idempotent). The file stays; its flock is what counts."""
