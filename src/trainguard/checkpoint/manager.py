@@ -385,14 +385,20 @@ class CheckpointManager:
         self.store.commit()
 
     def _stage(self, tensors: dict[str, torch.Tensor], job: SaveJob) -> list[ShardPlan]:
-        """Copy tensors into the host arena shard by shard, handing each to the job."""
+        """Copy tensors into the host arena, then hand every shard to the job.
+
+        The job starts writing only once the snapshot is complete: on a few cores its
+        copying and checksumming would otherwise slow the snapshot, which is the part
+        that blocks training (measured: 1.27-1.58x memcpy overlapped, 0.88-1.11x not).
+        """
         shards = plan_shards(tensors, self.max_shard_bytes)
         pin = any(t.device.type == "cuda" for t in tensors.values())
         self._arena.reset(HostArena.bytes_needed(list(tensors.values())), pin)
-        for shard in shards:
-            staged = ShardPlan(shard.name, [(n, self._arena.copy(t)) for n, t in shard.tensors])
-            self._arena.synchronize()
-            job.put(staged)
+        staged = [ShardPlan(shard.name, [(n, self._arena.copy(t)) for n, t in shard.tensors])
+                  for shard in shards]
+        self._arena.synchronize()
+        for shard in staged:
+            job.put(shard)
         return shards
 
     def _after_commit(self, job: SaveJob, manifest: Manifest, observed: dict | None,

@@ -1,10 +1,11 @@
 """The background half of a save: write shards, checksum on the fly, manifest, commit.
 
-The calling thread stages shards into host memory and hands each one to a ``SaveJob``
-thread as soon as it is staged, so writing the first shard overlaps copying the next.
-When the caller has staged everything it hands over the small final pieces (state.json,
-metrics) and returns to training; the job writes ``state.json``, then the manifest, then
-commits, then runs the manager's post-commit hook (retention).
+The calling thread stages every shard into host memory, then hands them to a ``SaveJob``
+thread (starting the writes only after the snapshot keeps the writer's copying and
+checksumming off the cores the snapshot needs), with the small final pieces
+(state.json, metrics), and returns to training; the job writes the shards, then
+``state.json``, then the manifest, then commits, then runs the manager's post-commit
+hook (retention).
 
 The job thread is not a daemon: a normal interpreter exit waits for the in-flight save to
 commit. An exception in the job is logged at once and kept; ``SaveHandle.wait()`` and the
