@@ -115,6 +115,13 @@ class JobTable:
         job["spec"] = JobSpec.from_json(job["spec"]) if job["spec"] else None
         return job
 
+    def stop_requested(self, job_id: str) -> int:
+        """The job's stop request (0 none, 1 graceful, 2 now): one column, no spec parse,
+        cheap enough for the supervisor's poll loop."""
+        row = self._db.execute("SELECT stop_requested FROM jobs WHERE id = ?",
+                               (job_id,)).fetchone()
+        return (row[0] or 0) if row else 0
+
     def all(self) -> list[dict]:
         """Every job, newest first (spec left as JSON text)."""
         return [dict(r) for r in self._db.execute("SELECT * FROM jobs ORDER BY created DESC")]

@@ -73,7 +73,7 @@ class Supervisor:
             signal.signal(sig, handler)
 
     def _poll_stop_request(self) -> None:
-        requested = self.table.get(self.job_id)["stop_requested"] or 0
+        requested = self.table.stop_requested(self.job_id)
         if requested:
             self.request_stop(now=requested >= STOP_NOW)
 
