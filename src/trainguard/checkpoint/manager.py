@@ -249,6 +249,7 @@ class CheckpointManager:
                 log.error("upload to %s did not finish within %.0f s; the remote tier's "
                           "newest step is %s", self.remote.store.url, self.mirror_timeout,
                           self._mirror.uploaded_step)
+            self._arena.release()  # the host copy of the state (pinned: unpinned first)
             if self._lock is not None:
                 self._lock.release()
 

@@ -2,7 +2,11 @@
 
 ``HostArena`` is one reusable host buffer (pinned when CUDA is in use) that every save
 copies its tensors into; it is allocated once and grown when the state grows, so a save
-costs no allocation and its extra host memory is the state's size plus alignment. CUDA
+costs no allocation and its extra host memory is the state's size plus alignment. Pinned
+memory is an anonymous mapping of exactly that size registered with CUDA
+(``cudaHostRegister``), not torch's pinned allocator: that one rounds every block up to a
+power of two (measured on an H100 host: a 19.3 GB state cost 34.5 GB of resident pinned
+memory, 1.78x, and the first save stalled 25.5 s allocating it). CUDA
 copies run non-blocking on a dedicated stream that first waits for the training stream,
 so they see every kernel queued before ``save``; the stream is synchronized before
 ``save`` returns, after which the loop may mutate parameters freely.
@@ -25,11 +29,15 @@ unchanged would go unseen; that is why incremental saves are opt-in.
 
 from __future__ import annotations
 
+import logging
+import mmap
 import weakref
 from dataclasses import dataclass
 
 import torch
 import xxhash
+
+log = logging.getLogger("trainguard")
 
 _ALIGN = 64
 _SAMPLES = 64
@@ -48,6 +56,8 @@ class HostArena:
         self._streams: dict[torch.device, object] = {}
         self._waited: set[torch.device] = set()  # streams already ordered after training
         self.pinned = False
+        self._registered: list[int] = []  # addresses registered with cudaHostRegister
+        weakref.finalize(self, _unregister, self._registered)
 
     @property
     def capacity(self) -> int:
@@ -57,11 +67,19 @@ class HostArena:
     def reset(self, total_bytes: int, pin: bool) -> None:
         """Prepare for a snapshot of ``total_bytes`` (plus alignment); grows if needed."""
         if self._buffer is None or self._buffer.numel() < total_bytes or (pin and not self.pinned):
-            self._buffer = None  # free the old one before allocating its successor
+            self.release()  # free the old one before allocating its successor
             pin = pin and torch.cuda.is_available()
-            self._buffer = torch.empty(total_bytes, dtype=torch.uint8, pin_memory=pin)
+            self._buffer = _pinned(total_bytes, self._registered) if pin else None
+            if self._buffer is None:
+                self._buffer = torch.empty(total_bytes, dtype=torch.uint8)
             self.pinned = pin
         self._offset = 0
+
+    def release(self) -> None:
+        """Drop the buffer (unpinning it first); the next save allocates anew."""
+        _unregister(self._registered)
+        self._buffer = None
+        self.pinned = False
 
     @staticmethod
     def bytes_needed(tensors: list[torch.Tensor]) -> int:
@@ -105,6 +123,30 @@ class HostArena:
         for device in self._waited:
             self._streams[device].synchronize()
         self._waited.clear()  # the next shard or save orders itself after training again
+
+
+def _pinned(nbytes: int, registered: list[int]) -> torch.Tensor | None:
+    """``nbytes`` of page-locked host memory, exactly: an anonymous mapping registered
+    with CUDA. Its address goes into ``registered`` (for :func:`_unregister`). None when
+    registration fails (then the caller falls back to torch's pinned allocator)."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    region = mmap.mmap(-1, nbytes)
+    buffer = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps region alive
+    rc = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
+    if int(getattr(rc, "value", rc)) != 0:
+        log.warning("cudaHostRegister of %d bytes failed (%s); using torch's pinned "
+                    "allocator (rounds up to a power of two)", nbytes, rc)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    registered.append(buffer.data_ptr())
+    return buffer
+
+
+def _unregister(registered: list[int]) -> None:
+    """Unpin what :func:`_pinned` pinned. Safe while copies of the arena are still in
+    use: unpinning never frees the memory, the mapping lives as long as its tensors."""
+    while registered:
+        torch.cuda.cudart().cudaHostUnregister(registered.pop())
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
