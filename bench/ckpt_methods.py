@@ -1,10 +1,15 @@
 """The checkpoint methods ``ckpt_bench.py`` compares, each behind one small interface.
 
-``Method(work)`` owns a directory; ``save(model, step)`` checkpoints ``model`` as ``step``
-and returns a :class:`Timing`; ``load(target, step)`` fills ``target`` from it;
-``discard(step)`` frees the disk; ``close()`` releases what the method keeps between saves
-(trainguard's manager and host arena, DCP's stager). One instance serves every repeat, as
-in a training loop that saves many times.
+``Method(work)`` owns a directory; ``save(state, step)`` checkpoints a
+:class:`BenchState` as ``step`` and returns a :class:`Timing`; ``load(target, step)``
+fills another ``BenchState`` from it; ``discard(step)`` frees the disk; ``close()``
+releases what the method keeps between saves (trainguard's manager and host arena, DCP's
+stager). Methods that keep buffers across saves (``reuses_buffers``) get one warm-up save
+first, as in a training loop that saves many times.
+
+The baselines save the flat ``name -> tensor`` dict (model and optimizer tensors, on the
+state's device) the way their users do; loading copies into the target's tensors.
+trainguard saves ``{"model": model, "optim": optimizer}`` and restores in place.
 
 Timing definitions (all wall clock from the call):
 
@@ -24,9 +29,9 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
-from torch import nn
 
 from trainguard import CheckpointManager
+from trainguard.checkpoint.format import step_dir
 
 try:  # torch >= 2.9: stager with async staging, pinned host buffers with CUDA
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
@@ -36,6 +41,22 @@ except ImportError:  # pragma: no cover - older torch
 # DCP without a process group warns on every call (also from its upload thread).
 warnings.filterwarnings("ignore", message=".*single process.*")
 warnings.filterwarnings("ignore", message=".*pin_memory.*")
+
+
+@dataclass
+class BenchState:
+    """What is checkpointed: ``flat`` (every tensor by name) and ``tree`` (the objects)."""
+
+    flat: dict[str, torch.Tensor]
+    tree: dict
+
+
+def copy_into(target: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict``'s copy for a flat dict: every loaded tensor into its target."""
+    assert target.keys() == loaded.keys(), "loaded keys differ"
+    with torch.no_grad():
+        for key, tensor in target.items():
+            tensor.copy_(loaded[key])
 
 
 @dataclass
@@ -63,6 +84,7 @@ class Method:
 
     name = "?"
     stall_waits_on = "the call (synchronous: returns once fsync'd)"
+    reuses_buffers = False
 
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -70,17 +92,17 @@ class Method:
     def path(self, step: int) -> Path:
         return self.work / f"step-{step}"
 
-    def save(self, model: nn.Module, step: int) -> Timing:
+    def save(self, state: BenchState, step: int) -> Timing:
         out = self.path(step)
         start = time.perf_counter()
-        self.write(model.state_dict(), out)
+        self.write(state.flat, out)
         elapsed = time.perf_counter() - start
         return Timing(elapsed, elapsed, dir_bytes(out))
 
     def write(self, state_dict: dict, out: Path) -> None:
         raise NotImplementedError
 
-    def load(self, target: nn.Module, step: int) -> None:
+    def load(self, target: BenchState, step: int) -> None:
         raise NotImplementedError
 
     def discard(self, step: int) -> None:
@@ -100,8 +122,9 @@ class TorchSave(Method):
             f.flush()
             os.fsync(f.fileno())
 
-    def load(self, target: nn.Module, step: int) -> None:
-        target.load_state_dict(torch.load(self.path(step) / "model.pt", weights_only=True))
+    def load(self, target: BenchState, step: int) -> None:
+        copy_into(target.flat, torch.load(self.path(step) / "model.pt", weights_only=True,
+                                          map_location="cpu"))
 
 
 class SafeTensors(Method):
@@ -112,9 +135,9 @@ class SafeTensors(Method):
         safetensors.torch.save_file(state_dict, str(out / "model.safetensors"))
         fsync_file(out / "model.safetensors")
 
-    def load(self, target: nn.Module, step: int) -> None:
-        sd = safetensors.torch.load_file(str(self.path(step) / "model.safetensors"))
-        target.load_state_dict(sd)
+    def load(self, target: BenchState, step: int) -> None:
+        copy_into(target.flat,
+                  safetensors.torch.load_file(str(self.path(step) / "model.safetensors")))
 
 
 class DcpSave(Method):
@@ -125,10 +148,8 @@ class DcpSave(Method):
     def write(self, state_dict: dict, out: Path) -> None:
         dcp.save(state_dict, checkpoint_id=str(out))
 
-    def load(self, target: nn.Module, step: int) -> None:
-        sd = target.state_dict()
-        dcp.load(sd, checkpoint_id=str(self.path(step)))
-        target.load_state_dict(sd)
+    def load(self, target: BenchState, step: int) -> None:
+        dcp.load(target.flat, checkpoint_id=str(self.path(step)))  # in place
 
 
 class DcpAsync(DcpSave):
@@ -141,10 +162,10 @@ class DcpAsync(DcpSave):
     def stager(self):
         return None
 
-    def save(self, model: nn.Module, step: int) -> Timing:
+    def save(self, state: BenchState, step: int) -> Timing:
         out = self.path(step)
         start = time.perf_counter()
-        result = dcp.async_save(model.state_dict(), checkpoint_id=str(out),
+        result = dcp.async_save(state.flat, checkpoint_id=str(out),
                                 async_stager=self.stager())
         returned = time.perf_counter() - start
         upload = result
@@ -163,6 +184,7 @@ class DcpAsyncStager(DcpAsync):
 
     name = "dcp async+stager"
     stall_waits_on = "the call + AsyncSaveResponse.staging_completion"
+    reuses_buffers = True
 
     def __init__(self, work: Path) -> None:
         super().__init__(work)
@@ -185,29 +207,32 @@ class Trainguard(Method):
     name = "trainguard"
     blocking = False
     stall_waits_on = "max(h.stall_seconds, wall time of save()); durable = h.seconds_to_durable"
+    reuses_buffers = True
 
     def __init__(self, work: Path) -> None:
         super().__init__(work)
         self.mgr = CheckpointManager(str(work))  # one run dir: steps accumulate
 
-    def save(self, model: nn.Module, step: int) -> Timing:
+    def save(self, state: BenchState, step: int) -> Timing:
         start = time.perf_counter()
-        handle = self.mgr.save(step, {"model": model}, blocking=self.blocking)
+        handle = self.mgr.save(step, state.tree, blocking=self.blocking)
         call = time.perf_counter() - start
         info = handle.wait()
         wall = time.perf_counter() - start
         detail = {"call_s": call, "stall_seconds": handle.stall_seconds,
-                  "seconds_to_durable": handle.seconds_to_durable, "wall_to_wait_s": wall}
+                  "seconds_to_durable": handle.seconds_to_durable, "wall_to_wait_s": wall,
+                  "arena_bytes": self.mgr._arena.capacity,
+                  "arena_pinned": self.mgr._arena.pinned}
         if self.blocking:
             return Timing(call, call, info.manifest.total_bytes, detail)
         return Timing(max(call, handle.stall_seconds), handle.seconds_to_durable,
                       info.manifest.total_bytes, detail)
 
-    def load(self, target: nn.Module, step: int) -> None:
-        assert self.mgr.restore({"model": target}, step=step) == step
+    def load(self, target: BenchState, step: int) -> None:
+        assert self.mgr.restore(target.tree, step=step) == step
 
     def discard(self, step: int) -> None:
-        pass  # the run directory goes as a whole (the manager owns it)
+        shutil.rmtree(self.work / step_dir(step), ignore_errors=True)  # the disk is finite
 
     def close(self) -> None:
         self.mgr.close()
