@@ -100,29 +100,38 @@ def _env_pairs(pairs: tuple[str, ...]) -> dict:
 @click.option("--dry-run", is_flag=True, help="Modal: print the resolved plan, launch nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
-              help="Start SCRIPT through torchrun with this many processes per node.")
+              help="Start SCRIPT through torchrun with this many processes per node "
+              "(Modal: at most the GPUs of --gpu; one per GPU when only --nnodes is given).")
 @click.option("--nnodes", default="1", show_default=True,
-              help="torchrun nodes: M, or an elastic range MIN:MAX.")
+              help="torchrun nodes: M, or an elastic range MIN:MAX (Modal: a cluster of M "
+              "containers).")
 @click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
               help="torchrun rendezvous endpoint (needed with several nodes).")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
               help="torchrun's elastic restarts inside one attempt.")
+@click.option("--rdma", is_flag=True, help="Modal, with --nnodes 2 or more: RDMA networking "
+              "between the cluster's nodes.")
 @click.pass_context
 def run_command(ctx, script, script_args, run_dir, name, detach, retries, retry_delay, backoff,
                 max_delay, timeout, hang_timeout, stop_grace, gpu_hourly_usd, budget_usd,
                 env_pairs, backend, gpu, volume, cpu, memory, requirements_file, packages,
                 root, requires, no_preflight, dry_run, as_json, nproc_per_node, nnodes,
-                rdzv_endpoint, max_restarts) -> None:
+                rdzv_endpoint, max_restarts, rdma) -> None:
     """Run SCRIPT under a supervisor: retries, timeouts, hang detection, always resume.
 
     Arguments after `--` go to the script:
     trainguard run train.py --retries 5 --timeout 12h -- --lr 3e-4
     """
-    torchrun = None
-    if nproc_per_node is not None or nnodes != "1" or rdzv_endpoint:
-        if backend == "modal":
-            raise click.UsageError("--nproc-per-node/--nnodes are for the local backend; on "
-                                   "Modal multi-GPU functions are not built yet")
+    torchrun = options = None
+    if backend == "modal":  # --nnodes sizes a Modal cluster; torchrun runs on each node
+        from trainguard.cli import modal_cli
+
+        options = modal_cli.modal_options(volume=volume, gpu=gpu, cpu=cpu, memory=memory,
+                                          packages=packages, requirements_file=requirements_file,
+                                          root=root, nnodes=nnodes, rdma=rdma,
+                                          rdzv_endpoint=rdzv_endpoint)
+        torchrun = modal_cli.modal_torchrun(options, nproc_per_node, max_restarts)
+    elif nproc_per_node is not None or nnodes != "1" or rdzv_endpoint:
         torchrun = {"nproc_per_node": nproc_per_node or 1, "nnodes": nnodes,
                     "rdzv_endpoint": rdzv_endpoint, "max_restarts": max_restarts}
     try:
@@ -136,18 +145,13 @@ def run_command(ctx, script, script_args, run_dir, name, detach, retries, retry_
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     if backend == "modal":
-        from trainguard.cli import modal_cli
-
         if ctx.get_parameter_source("max_delay") == click.core.ParameterSource.DEFAULT:
             spec = dataclasses.replace(spec, retry=dataclasses.replace(spec.retry, max_delay=60))
-        options = modal_cli.modal_options(volume=volume, gpu=gpu, cpu=cpu, memory=memory,
-                                          packages=packages, requirements_file=requirements_file,
-                                          root=root)
         modal_cli.run_modal(spec, options, detach=detach, dry_run=dry_run, as_json=as_json,
                             requires=requires, preflight=not no_preflight)
         return
-    if dry_run or gpu or volume:
-        raise click.UsageError("--dry-run, --gpu and --volume need --backend modal")
+    if dry_run or gpu or volume or rdma:
+        raise click.UsageError("--dry-run, --gpu, --volume and --rdma need --backend modal")
     if not no_preflight:
         _local_preflight(spec, root, requires)
     if detach:

@@ -26,17 +26,35 @@ def client():
     return RealModalClient()
 
 
-def modal_options(*, volume, gpu, cpu, memory, packages, requirements_file, root):
+def modal_options(*, volume, gpu, cpu, memory, packages, requirements_file, root,
+                  nnodes="1", rdma=False, rdzv_endpoint=None):
     """Build ``ModalOptions`` from CLI values; option errors become click errors."""
     from trainguard.launch.modal_backend import ModalConfigError, ModalOptions
 
     if not volume:
         raise click.UsageError("--backend modal needs --volume NAME (the modal.Volume that "
                                "holds the run's checkpoints)")
+    if rdzv_endpoint:
+        raise click.UsageError("--rdzv-endpoint is for the local backend: the nodes of a "
+                               "Modal cluster find rank 0 themselves; drop it")
+    if not str(nnodes).isdigit():
+        raise click.UsageError(f"--nnodes {nnodes}: a Modal cluster has a fixed size; use a "
+                               f"whole number, e.g. --nnodes 2")
     try:
         return ModalOptions(volume=volume, gpu=gpu, cpu=cpu, memory=memory,
                             packages=tuple(packages), requirements_file=requirements_file,
-                            root=root)
+                            root=root, nnodes=int(nnodes), rdma=rdma)
+    except ModalConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def modal_torchrun(options, nproc_per_node: int | None, max_restarts: int) -> dict | None:
+    """The ``JobSpec.torchrun`` for ``--nproc-per-node`` on Modal (None: one process)."""
+    from trainguard.launch.modal_backend import ModalConfigError
+    from trainguard.launch.modal_backend import modal_torchrun as resolve
+
+    try:
+        return resolve(options, nproc_per_node, max_restarts)
     except ModalConfigError as exc:
         raise click.UsageError(str(exc)) from exc
 

@@ -9,10 +9,16 @@ objects (``modal.App``, ``modal.Image``, ``modal.Volume.from_name``, ``modal.Ret
 building them is lazy and offline, only ``.run()``/``spawn`` (in ``modal_jobs``) talk to
 Modal. ``--dry-run`` prints :meth:`ModalPlan.to_dict`.
 
+Several processes: a ``JobSpec.torchrun`` makes the container run the script through
+``torch.distributed.run`` (``--standalone``, one worker per GPU by default), and
+``ModalOptions.nnodes`` > 1 makes the function a Modal cluster (``modal.clustered``)
+of that many containers, each running torchrun with its cluster rank as node rank.
+
 Modal limits (checked here): per-attempt timeout 10 s..24 h; ``modal.Retries``:
 ``max_retries`` 0..10, ``initial_delay`` 0..60 s, ``backoff_coefficient`` 1..10,
 ``max_delay`` 1..60 s; GPUs ``TYPE[:N]`` with N up to 8 (A10/A10G up to 4), or a
-fallback list in order of preference.
+fallback list in order of preference; ``--nproc-per-node`` at most the GPUs of each
+container; a cluster takes every GPU of each node (``TYPE:8``; ``modal.clustered``).
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import trainguard
+from trainguard.launch.modal_entry import torchrun_argv
 from trainguard.launch.spec import JobSpec, format_duration
 from trainguard.preflight import ImportClosure, import_closure
 
@@ -34,6 +42,8 @@ MAX_RETRIES, MAX_RETRY_DELAY, MAX_BACKOFF = 10, 60.0, 10.0
 GPU_TYPES = {"T4": 8, "L4": 8, "A10": 4, "A10G": 4, "L40S": 8, "A100": 8, "A100-40GB": 8,
              "A100-80GB": 8, "RTX-PRO-6000": 8, "H100": 8, "H100!": 8, "H200": 8, "B200": 8,
              "B200+": 8, "ANY": 8}
+#: Port of rank 0's static rendezvous on a Modal cluster.
+MASTER_PORT = 29500
 #: What trainguard itself needs in the image (the user's pins take precedence).
 RUNTIME_PACKAGES = ("torch", "safetensors", "numpy", "xxhash", "click")
 _IGNORE_PARTS = {"__pycache__", ".git", ".ipynb_checkpoints"}
@@ -77,6 +87,19 @@ def gpu_count(gpu: str | list[str] | None) -> int:
         return 0
     first = gpu[0] if isinstance(gpu, list) else gpu
     return int(first.partition(":")[2] or 1)
+
+
+def _choices(gpu: str | list[str] | None) -> list[str]:
+    return [] if not gpu else gpu if isinstance(gpu, list) else [gpu]
+
+
+def guaranteed_gpus(gpu: str | list[str] | None) -> int:
+    """GPUs every container gets whichever choice of a fallback list Modal picks."""
+    return min((int(c.partition(":")[2] or 1) for c in _choices(gpu)), default=0)
+
+
+def _gpu_text(gpu: str | list[str] | None) -> str:
+    return ",".join(_choices(gpu))
 
 
 def validate_timeout(seconds: float | None) -> int:
@@ -130,6 +153,9 @@ class ModalOptions:
             serialized function needs).
         root: the project root for the import analysis (default: the script's dir).
         app_name: the Modal app name (default ``trainguard-<job name>``).
+        nnodes: containers of a Modal cluster (``modal.clustered(size=nnodes)``); 1: no
+            cluster. Each container takes every GPU of its node (``--gpu H100:8``).
+        rdma: ask Modal for RDMA networking between the cluster's nodes.
     """
 
     volume: str
@@ -141,6 +167,8 @@ class ModalOptions:
     python_version: str = ""
     root: str = ""
     app_name: str = ""
+    nnodes: int = 1
+    rdma: bool = False
 
     def __post_init__(self) -> None:
         if not self.volume or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", self.volume):
@@ -155,6 +183,24 @@ class ModalOptions:
         if self.memory is not None and not self.memory > 0:
             raise ModalConfigError(f"--memory {self.memory}: use a positive number of MiB")
         set_(self, "packages", tuple(self.packages) + read_requirements(self.requirements_file))
+        self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        if not isinstance(self.nnodes, int) or isinstance(self.nnodes, bool) or self.nnodes < 1:
+            raise ModalConfigError(f"--nnodes {self.nnodes!r}: use a whole number of nodes >= 1")
+        if self.rdma and self.nnodes == 1:
+            raise ModalConfigError("--rdma is for clusters: use it with --nnodes 2 or more")
+        if self.nnodes == 1:
+            return
+        if not self.gpu:
+            raise ModalConfigError(f"--nnodes {self.nnodes} needs GPUs: a Modal cluster takes "
+                                   f"every GPU of each node, e.g. --gpu H100:8")
+        for choice in _choices(self.gpu):
+            kind, _, count = choice.partition(":")
+            if int(count or 1) != GPU_TYPES[kind]:
+                raise ModalConfigError(f"--nnodes {self.nnodes} with --gpu {choice}: a Modal "
+                                       f"cluster takes every GPU of each node; use --gpu "
+                                       f"{kind}:{GPU_TYPES[kind]}")
 
 
 def trainguard_python() -> str:
@@ -173,12 +219,90 @@ def read_requirements(path: str | None) -> tuple[str, ...]:
                  if s and not s.startswith("-"))
 
 
+def modal_torchrun(options: ModalOptions, nproc_per_node: int | None,
+                   max_restarts: int = 0) -> dict | None:
+    """The ``JobSpec.torchrun`` of a Modal launch (what ``--nproc-per-node`` maps onto).
+
+    torchrun is used when ``nproc_per_node`` is given or ``options`` ask for a cluster;
+    without ``nproc_per_node`` it starts one worker per GPU of each container.
+
+    Returns:
+        None (the script runs as one process), or ``{"nproc_per_node", "max_restarts"}``.
+
+    Raises:
+        ModalConfigError: more workers than GPUs, or workers without GPUs.
+    """
+    if nproc_per_node is None and options.nnodes == 1:
+        return None
+    torchrun = {"nproc_per_node": nproc_per_node or guaranteed_gpus(options.gpu),
+                "max_restarts": max_restarts}
+    check_torchrun(torchrun, options)
+    return torchrun
+
+
+def check_torchrun(torchrun: dict | None, options: ModalOptions) -> None:
+    """Check a ``JobSpec.torchrun`` against the Modal resources it will run on.
+
+    Raises:
+        ModalConfigError: the message names the flags and the fix.
+    """
+    if torchrun is None:
+        if options.nnodes > 1:
+            raise ModalConfigError(f"--nnodes {options.nnodes} runs torchrun on every node: "
+                                   f"set --nproc-per-node (JobSpec.torchrun)")
+        return
+    if str(torchrun.get("nnodes", "1")) != "1" or torchrun.get("rdzv_endpoint"):
+        raise ModalConfigError("on Modal the node count is --nnodes (ModalOptions.nnodes) and "
+                               "the cluster finds rank 0 itself: leave JobSpec.torchrun's "
+                               "nnodes and rdzv_endpoint unset")
+    nproc, gpus = torchrun["nproc_per_node"], guaranteed_gpus(options.gpu)
+    if not gpus:
+        raise ModalConfigError(f"--nproc-per-node {nproc} on Modal needs GPUs, one per "
+                               f"process: add --gpu H100:{min(max(nproc, 1), 8)}")
+    if nproc > gpus:
+        raise ModalConfigError(f"--nproc-per-node {nproc} is more than the {gpus} GPUs per "
+                               f"container of --gpu {_gpu_text(options.gpu)}; use "
+                               f"--nproc-per-node {gpus} or fewer (one process per GPU)")
+
+
+def _clustered(size: int):
+    """``modal.clustered``, or ``modal.experimental.clustered`` on an older modal.
+
+    Raises:
+        ModalConfigError: the installed modal has neither.
+    """
+    import importlib
+
+    import modal
+
+    clustered = getattr(modal, "clustered", None)
+    if clustered is None:
+        clustered = getattr(importlib.import_module("modal.experimental"), "clustered", None)
+    if clustered is None:
+        raise ModalConfigError(f"--nnodes {size}: the installed modal "
+                               f"{getattr(modal, '__version__', '?')} has no clustered "
+                               f"functions (modal.clustered); pip install -U modal")
+    return clustered
+
+
+def clustered_decorator(size: int, rdma: bool):
+    """``modal.clustered(size=size, rdma=rdma)``: a function run by a cluster of ``size``
+    containers (``modal.experimental.clustered`` on modal versions before it was public).
+
+    Raises:
+        ModalConfigError: the installed modal has no clustered functions.
+    """
+    return _clustered(size)(size=size, rdma=rdma)
+
+
 @dataclass
 class ModalPlan:
     """A resolved Modal launch: everything ``build_app`` needs, as plain data.
 
     ``files`` maps each shipped local path to its path in the container; ``missing``
     lists imports that resolve to nothing (preflight refuses such a launch).
+    ``command`` is the torchrun command of node 0 (None: the script runs in the
+    function's process); on a cluster, rank 0's address is known only in the container.
     """
 
     job: dict
@@ -198,6 +322,11 @@ class ModalPlan:
     gpu: str | list[str] | None
     cpu: float | None
     memory: int | None
+    nproc_per_node: int | None = None
+    nnodes: int = 1
+    clustered: bool = False
+    rdma: bool = False
+    command: list[str] | None = None
     closure: ImportClosure | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
@@ -241,16 +370,27 @@ def build_plan(spec: JobSpec, options: ModalOptions, closure: ImportClosure | No
     """Resolve a Modal launch of ``spec`` without contacting Modal.
 
     Raises:
-        ModalConfigError: the timeout, retries or GPU are outside Modal's limits.
+        ModalConfigError: the timeout, retries or GPU are outside Modal's limits, or the
+            torchrun workers do not fit the GPUs.
     """
     retries = validate_retries(spec.retry.retries, spec.retry.delay, spec.retry.backoff,
                                spec.retry.max_delay)
     timeout = validate_timeout(spec.timeout)
+    check_torchrun(spec.torchrun, options)
+    if options.nnodes > 1:
+        _clustered(options.nnodes)  # an old modal fails here, before anything is built
     closure = closure or import_closure(spec.script, options.root or None)
     run_dir = f"{MOUNT_PATH}/{spec.name}"
     job = {"script": f"{REMOTE_ROOT}/{Path(spec.script).name}", "args": list(spec.args),
            "run_dir": run_dir, "volume": options.volume, "mount_path": MOUNT_PATH,
-           "timeout": timeout, "env": dict(spec.env)}
+           "timeout": timeout, "env": dict(spec.env), "torchrun": None}
+    command = None
+    if spec.torchrun is not None:
+        job["torchrun"] = {"nproc_per_node": spec.torchrun["nproc_per_node"],
+                           "nnodes": options.nnodes, "master_port": MASTER_PORT,
+                           "max_restarts": spec.torchrun.get("max_restarts", 0)}
+        placeholder = SimpleNamespace(rank=0, container_ips=["<rank-0-ip>"] * options.nnodes)
+        command = torchrun_argv(job, placeholder, python="python")
     package_dir = Path(trainguard.__file__).parent
     return ModalPlan(
         job=job, app_name=options.app_name or f"trainguard-{spec.name}",
@@ -260,7 +400,10 @@ def build_plan(spec: JobSpec, options: ModalOptions, closure: ImportClosure | No
                                                           f"{REMOTE_ROOT}/trainguard"},
         missing=[f"{s.module} ({s})" for s in closure.missing], volume=options.volume,
         mount_path=MOUNT_PATH, run_dir=run_dir, retries=retries, timeout=timeout,
-        gpu=options.gpu, cpu=options.cpu, memory=options.memory, closure=closure)
+        gpu=options.gpu, cpu=options.cpu, memory=options.memory,
+        nproc_per_node=spec.torchrun["nproc_per_node"] if spec.torchrun else None,
+        nnodes=options.nnodes, clustered=options.nnodes > 1, rdma=options.rdma,
+        command=command, closure=closure)
 
 
 def _ignore(path: Path) -> bool:
@@ -292,6 +435,10 @@ def build_image(plan: ModalPlan):
 def build_app(plan: ModalPlan):
     """A real ``modal.App`` with one function running the job (offline; nothing is sent).
 
+    A clustered plan's function is ``modal.clustered(size=plan.nnodes, rdma=plan.rdma)``
+    under ``app.function``: Modal starts that many containers together and sends the
+    input to each; only rank 0's result comes back.
+
     Returns:
         ``(app, function)``: call ``function.spawn(plan.job)`` inside ``app.run()``.
     """
@@ -301,10 +448,11 @@ def build_app(plan: ModalPlan):
 
     app = modal.App(plan.app_name)
     volume = modal.Volume.from_name(plan.volume, create_if_missing=True)
+    entry = clustered_decorator(plan.nnodes, plan.rdma)(run_job) if plan.clustered else run_job
     function = app.function(
         image=build_image(plan), gpu=plan.gpu, cpu=plan.cpu, memory=plan.memory,
         volumes={plan.mount_path: volume}, retries=modal.Retries(**plan.retries),
-        timeout=plan.timeout, serialized=True, name="trainguard_job")(run_job)
+        timeout=plan.timeout, serialized=True, name="trainguard_job")(entry)
     return app, function
 
 
@@ -313,6 +461,7 @@ def describe(plan: ModalPlan) -> str:
     lines = [f"app       {plan.app_name} (python {plan.python_version})",
              f"gpu       {plan.gpu or 'none'}  cpu {plan.cpu or 'default'}  "
              f"memory {plan.memory or 'default'} MiB",
+             *_describe_processes(plan),
              f"timeout   {format_duration(plan.timeout)} per attempt",
              f"retries   {plan.retries['max_retries']} (first after "
              f"{plan.retries['initial_delay']:g}s, x{plan.retries['backoff_coefficient']:g}, "
@@ -325,4 +474,19 @@ def describe(plan: ModalPlan) -> str:
     if plan.missing:
         lines.append("missing   " + "; ".join(plan.missing))
     return "\n".join(lines)
+
+
+def _describe_processes(plan: ModalPlan) -> list[str]:
+    if plan.command is None:
+        script = " ".join([plan.job["script"], *plan.job["args"]])
+        return [f"processes 1 (the script runs in the function's process: {script})"]
+    where = (f"{plan.nnodes} nodes: a Modal cluster (modal.clustered size {plan.nnodes}, "
+             f"rdma {'on' if plan.rdma else 'off'})" if plan.clustered
+             else "1 node (not clustered)")
+    lines = [f"processes {plan.nproc_per_node} per node x {where}",
+             f"command   {' '.join(plan.command)}"]
+    if plan.clustered:
+        lines.append("          (node k runs it with --node-rank k; <rank-0-ip> comes from "
+                     "modal.experimental.get_cluster_info() in the container)")
+    return lines
 

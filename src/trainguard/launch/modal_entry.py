@@ -3,16 +3,29 @@
 ``run_job`` registers the mounted volume (so ``trainguard.Run()`` writes through a
 :class:`~trainguard.store.ModalVolumeStore`, which commits the volume after every
 checkpoint manifest), points ``TRAINGUARD_RUN_DIR`` at the run directory on the volume,
-and runs the script with ``runpy`` as ``__main__``. The Run always resumes from the
-newest committed checkpoint, so a retried or restarted input continues where it stopped.
+and runs the script. The Run always resumes from the newest committed checkpoint, so a
+retried or restarted input continues where it stopped.
 
-Exit codes map onto Modal's behaviour:
+How the script runs:
+
+* one process (no ``job["torchrun"]``): with ``runpy`` as ``__main__`` in this process;
+* several processes (``job["torchrun"]``): as a child ``python -m torch.distributed.run``
+  (the command of :func:`torchrun_argv`, built by ``launch/torchrun.py``). Each worker
+  starts as ``python -m trainguard.launch.modal_entry SCRIPT ARGS`` (:func:`worker_main`),
+  which registers the volume in that worker too (a registration does not cross
+  processes) and records the worker's exit code. On a Modal cluster each node runs
+  torchrun with ``--node-rank`` = its cluster rank and ``--master-addr`` = rank 0's
+  address, both from ``modal.experimental.get_cluster_info()``.
+
+Exit codes map onto Modal's behaviour, the same in both ways:
 
 * 0: the input succeeds (after a final ``volume.commit()``);
 * 75 (preempted or timed out, state committed): :class:`Preempted` is raised so the input
   is not reported as done; Modal restarts a preempted input by itself, and a timeout
-  becomes a Modal retry. Shortly before Modal's per-attempt timeout the container sends
-  itself SIGINT, so the Run saves and commits before Modal kills it;
+  becomes a Modal retry. Shortly before Modal's per-attempt timeout the script (or the
+  torchrun child, which forwards it to every worker) gets SIGINT, so the Run saves and
+  commits before Modal kills it. torchrun itself exits 1 when any worker fails, so under
+  torchrun the attempt counts as preempted when every worker of this node recorded 75;
 * anything else: :class:`JobFailed` is raised, which Modal's ``Retries`` retries.
 
 The volume is committed once more on every way out (on error too).
@@ -20,17 +33,29 @@ The volume is committed once more on every way out (on error too).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import runpy
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
+
+from trainguard.launch.torchrun import TorchrunConfig, torchrun_command
+from trainguard.run import EXIT_RESUME
 
 log = logging.getLogger("trainguard.modal")
 
 #: Seconds before Modal's timeout at which the attempt is asked to save and stop.
 TIMEOUT_MARGIN = 120.0
+#: The module each torchrun worker starts with (:func:`worker_main`).
+WORKER_MODULE = "trainguard.launch.modal_entry"
+#: Environment of the torchrun workers: the volume to register, where to record exit codes.
+ENV_VOLUME, ENV_MOUNT, ENV_EXITS = ("TRAINGUARD_MODAL_VOLUME", "TRAINGUARD_MODAL_MOUNT",
+                                    "TRAINGUARD_EXIT_DIR")
 
 
 class Preempted(RuntimeError):
@@ -62,14 +87,157 @@ def run_script(script: str, args: list[str], run_dir: str, env: dict | None = No
     return 0
 
 
-def _alarm(seconds: float) -> threading.Timer | None:
-    """SIGINT to this process ``seconds`` from now: the Run saves, commits, exits 75."""
-    if seconds <= 0:
-        return None
-    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
-    timer.daemon = True
-    timer.start()
-    return timer
+def master_address(cluster) -> str:
+    """Rank 0's address from Modal's cluster info: its IPv4 when Modal gives one, else its
+    IPv6 in brackets (the form torchrun's ``--master-addr`` takes)."""
+    ipv4 = list(getattr(cluster, "container_ipv4_ips", None) or [])
+    if ipv4:
+        return ipv4[0]
+    address = cluster.container_ips[0]
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
+def torchrun_argv(job: dict, cluster=None, python: str | None = None) -> list[str]:
+    """The torchrun command this container runs for ``job`` (the job has ``"torchrun"``).
+
+    Args:
+        job: the plan's job; ``job["torchrun"]`` holds nproc_per_node, nnodes,
+            max_restarts and master_port.
+        cluster: Modal's cluster info (``rank``, ``container_ips``, optionally
+            ``container_ipv4_ips``); required when nnodes > 1, ignored otherwise.
+        python: the interpreter (default: this one).
+
+    Raises:
+        ValueError: nnodes > 1 without cluster info, or a cluster of another size.
+    """
+    spec = job["torchrun"]
+    nnodes = int(spec.get("nnodes", 1))
+    static = {}
+    if nnodes > 1:
+        if cluster is None:
+            raise ValueError(f"a job on {nnodes} nodes needs Modal's cluster info "
+                             f"(modal.experimental.get_cluster_info())")
+        if len(cluster.container_ips) != nnodes:
+            raise ValueError(f"the job asks for {nnodes} nodes but Modal's cluster has "
+                             f"{len(cluster.container_ips)} containers")
+        static = {"nnodes": str(nnodes), "node_rank": cluster.rank,
+                  "master_addr": master_address(cluster),
+                  "master_port": int(spec.get("master_port", 29500))}
+    config = TorchrunConfig(nproc_per_node=int(spec["nproc_per_node"]),
+                            max_restarts=int(spec.get("max_restarts", 0)), **static)
+    return torchrun_command(python or sys.executable, WORKER_MODULE,
+                            [job["script"], *job.get("args", ())], config, module=True)
+
+
+def _cluster_info():
+    """This container's ``modal.experimental.get_cluster_info()`` (rank, container IPs)."""
+    import modal.experimental
+
+    return modal.experimental.get_cluster_info()
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float, pid: int):
+    """SIGINT to ``pid`` ``seconds`` from now: the Run saves, commits, exits 75."""
+    timer = None
+    if seconds > 0:
+        timer = threading.Timer(seconds, _signal, (pid, signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+@contextlib.contextmanager
+def _forwarding_signals(pid: int):
+    """Pass SIGINT (Modal's preemption notice) and SIGTERM on to ``pid`` while it runs;
+    torchrun passes them on to every worker, whose Run saves and exits 75."""
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("not on the main thread: a preemption signal reaches torchrun only if "
+                    "Modal sends it to every process")
+        yield
+        return
+    def forward(signum: int, frame: object) -> None:
+        _signal(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _worker_codes(exit_dir: str) -> dict[int, int]:
+    """Local rank -> exit code, as the workers recorded them (:func:`worker_main`)."""
+    return {int(p.name.removeprefix("local-rank-")): int(p.read_text())
+            for p in Path(exit_dir).glob("local-rank-*")}
+
+
+def node_exit_code(torchrun_code: int, workers: dict[int, int], nproc_per_node: int) -> int:
+    """This node's exit code: torchrun's, except that a node whose every worker exited 75
+    was preempted (torchrun reports 1 whenever a worker exits non-zero)."""
+    if torchrun_code != 0 and len(workers) == nproc_per_node and set(workers.values()) == {
+            EXIT_RESUME}:
+        return EXIT_RESUME
+    return torchrun_code
+
+
+def run_torchrun(job: dict, deadline: float, cluster=None) -> tuple[int, dict[int, int]]:
+    """Run the job's torchrun command as a child; (this node's exit code, worker codes)."""
+    nnodes = int(job["torchrun"].get("nnodes", 1))
+    if nnodes > 1 and cluster is None:
+        cluster = _cluster_info()
+    command = torchrun_argv(job, cluster)
+    trainguard_root = str(Path(__file__).resolve().parents[2])  # /root in the container
+    with tempfile.TemporaryDirectory(prefix="trainguard-exits-") as exit_dir:
+        env = {**os.environ, **(job.get("env") or {}), "TRAINGUARD_RUN_DIR": job["run_dir"],
+               ENV_VOLUME: job["volume"], ENV_MOUNT: job["mount_path"], ENV_EXITS: exit_dir,
+               "PYTHONPATH": os.pathsep.join(
+                   p for p in (trainguard_root, os.environ.get("PYTHONPATH")) if p)}
+        log.info("running %s", " ".join(command))
+        child = subprocess.Popen(command, env=env, start_new_session=True)
+        with _forwarding_signals(child.pid), _alarm(deadline, child.pid):
+            code = child.wait()
+        workers = _worker_codes(exit_dir)
+    return node_exit_code(code, workers, int(job["torchrun"]["nproc_per_node"])), workers
+
+
+def _mounted_volume(name: str):
+    import modal
+
+    return modal.Volume.from_name(name)
+
+
+def worker_main(argv: list[str]) -> int:
+    """One torchrun worker: register the volume, run ``SCRIPT ARGS``, record the exit code.
+
+    Returns:
+        The script's exit code (also written to ``$TRAINGUARD_EXIT_DIR/local-rank-N``; an
+        uncaught exception is recorded as 1 and raised).
+    """
+    from trainguard.store.modal_volume import register_mount
+
+    if not argv:
+        raise SystemExit("usage: python -m trainguard.launch.modal_entry SCRIPT [ARGS...]")
+    register_mount(os.environ[ENV_MOUNT], _mounted_volume(os.environ[ENV_VOLUME]))
+    code = 1
+    try:
+        code = run_script(argv[0], argv[1:], os.environ["TRAINGUARD_RUN_DIR"])
+    finally:
+        exit_dir = os.environ.get(ENV_EXITS)
+        if exit_dir:
+            name = f"local-rank-{os.environ.get('LOCAL_RANK', '0')}"
+            Path(exit_dir, name).write_text(str(code))
+    return code
 
 
 def _commit(volume) -> None:
@@ -79,12 +247,14 @@ def _commit(volume) -> None:
         log.error("final volume.commit() failed: %r", exc)
 
 
-def run_job(job: dict, volume=None) -> dict:
+def run_job(job: dict, volume=None, cluster=None) -> dict:
     """Run one attempt of a job inside Modal (the function the Modal app registers).
 
     Args:
-        job: the plan's job: script, args, run_dir, volume, mount_path, timeout, env.
+        job: the plan's job: script, args, run_dir, volume, mount_path, timeout, env, and
+            torchrun (None: one process).
         volume: the mounted volume (default ``modal.Volume.from_name(job["volume"])``).
+        cluster: Modal's cluster info (default: asked from Modal on a multi-node job).
 
     Returns:
         ``{"exit_code": 0, "run_dir": ...}`` when the script succeeded.
@@ -96,22 +266,28 @@ def run_job(job: dict, volume=None) -> dict:
     from trainguard.store.modal_volume import register_mount, unregister_mount
 
     if volume is None:
-        import modal
-
-        volume = modal.Volume.from_name(job["volume"])
+        volume = _mounted_volume(job["volume"])
     register_mount(job["mount_path"], volume)
-    timer = _alarm(float(job.get("timeout") or 0) - TIMEOUT_MARGIN)
+    deadline = float(job.get("timeout") or 0) - TIMEOUT_MARGIN
+    workers: dict[int, int] = {}
     try:
-        code = run_script(job["script"], list(job.get("args", ())), job["run_dir"],
-                          job.get("env"))
+        if job.get("torchrun"):
+            code, workers = run_torchrun(job, deadline, cluster)
+        else:
+            with _alarm(deadline, os.getpid()):
+                code = run_script(job["script"], list(job.get("args", ())), job["run_dir"],
+                                  job.get("env"))
     finally:
-        if timer is not None:
-            timer.cancel()
         _commit(volume)
         unregister_mount(job["mount_path"])
-    if code == 75:
-        raise Preempted(f"{job['script']} committed and stopped early (exit code 75); "
+    detail = f" (workers by local rank: {dict(sorted(workers.items()))})" if workers else ""
+    if code == EXIT_RESUME:
+        raise Preempted(f"{job['script']} committed and stopped early (exit code 75){detail}; "
                         "the input runs again and resumes")
     if code != 0:
-        raise JobFailed(f"{job['script']} exited with code {code}")
+        raise JobFailed(f"{job['script']} exited with code {code}{detail}")
     return {"exit_code": 0, "run_dir": job["run_dir"]}
+
+
+if __name__ == "__main__":  # a torchrun worker (see WORKER_MODULE)
+    sys.exit(worker_main(sys.argv[1:]))

@@ -5,6 +5,10 @@ timeout, hang detection (rank 0's heartbeat in the run directory) and graceful s
 (SIGTERM, which torchrun forwards to every worker) hold unchanged. Inside an attempt,
 torchrun's elastic agent restarts the workers up to ``max_restarts`` times; each restart
 resumes from the newest commit (``trainguard.Run`` restores the same step on every rank).
+
+Several nodes meet either at a c10d rendezvous endpoint (``rdzv_endpoint``, elastic) or,
+where a platform hands every node its rank and rank 0's address (Modal clusters), through
+torchrun's static rendezvous (``node_rank`` + ``master_addr``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ class TorchrunConfig:
         nnodes: ``"M"`` or an elastic range ``"MIN:MAX"``.
         rdzv_endpoint: ``host:port`` of the rendezvous (required when nnodes is not 1).
         max_restarts: elastic restarts of the workers inside one attempt.
+        node_rank: this node's rank, for the static rendezvous (with ``master_addr``).
+        master_addr: rank 0's address, for the static rendezvous (IPv6 in brackets).
+        master_port: the port rank 0 listens on, for the static rendezvous.
 
     Raises:
         ValueError: a value torchrun would refuse, naming it and the fix.
@@ -34,6 +41,9 @@ class TorchrunConfig:
     nnodes: str = "1"
     rdzv_endpoint: str | None = None
     max_restarts: int = 0
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int = 29500
 
     def __post_init__(self) -> None:
         if not isinstance(self.nproc_per_node, int) or self.nproc_per_node < 1:
@@ -41,7 +51,9 @@ class TorchrunConfig:
         object.__setattr__(self, "nnodes", str(self.nnodes))
         if not _NNODES.match(self.nnodes):
             raise ValueError(f"nnodes must be 'M' or 'MIN:MAX', got {self.nnodes!r}")
-        if self.nnodes != "1" and not self.rdzv_endpoint:
+        if self.master_addr is not None:
+            self._check_static()
+        elif self.nnodes != "1" and not self.rdzv_endpoint:
             raise ValueError(f"nnodes={self.nnodes} needs a rendezvous endpoint that every "
                              f"node reaches: --rdzv-endpoint HOST:PORT")
         if self.rdzv_endpoint is not None and not _ENDPOINT.match(self.rdzv_endpoint):
@@ -49,10 +61,29 @@ class TorchrunConfig:
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ValueError(f"max_restarts must be an int >= 0, got {self.max_restarts!r}")
 
+    def _check_static(self) -> None:
+        """The static rendezvous: a fixed node count, this node's rank, rank 0's address."""
+        if self.rdzv_endpoint is not None:
+            raise ValueError("use either rdzv_endpoint (c10d rendezvous) or master_addr "
+                             "(static rendezvous), not both")
+        if not self.nnodes.isdigit() or int(self.nnodes) < 1:
+            raise ValueError(f"the static rendezvous needs a fixed node count, got "
+                             f"nnodes={self.nnodes!r}")
+        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < int(self.nnodes):
+            raise ValueError(f"node_rank must be an int in 0..{int(self.nnodes) - 1}, got "
+                             f"{self.node_rank!r}")
+        if not self.master_addr or any(c.isspace() for c in self.master_addr):
+            raise ValueError(f"master_addr must be rank 0's address, got {self.master_addr!r}")
+        if not isinstance(self.master_port, int) or not 1 <= self.master_port <= 65535:
+            raise ValueError(f"master_port must be a port number, got {self.master_port!r}")
+
     def args(self) -> list[str]:
         """torchrun's own arguments (before the script)."""
         out = ["--nproc-per-node", str(self.nproc_per_node),
                "--max-restarts", str(self.max_restarts)]
+        if self.master_addr is not None:  # torchrun's default rendezvous backend is static
+            return [*out, "--nnodes", self.nnodes, "--node-rank", str(self.node_rank),
+                    "--master-addr", self.master_addr, "--master-port", str(self.master_port)]
         if self.rdzv_endpoint is None:
             return ["--standalone", *out]  # one node: a local rendezvous on a free port
         return [*out, "--nnodes", self.nnodes, "--rdzv-backend", "c10d",
@@ -60,6 +91,15 @@ class TorchrunConfig:
 
 
 def torchrun_command(python: str, script: str, args: tuple[str, ...] | list[str],
-                     config: TorchrunConfig) -> list[str]:
-    """The command line of one torchrun attempt."""
-    return [python, "-m", "torch.distributed.run", *config.args(), script, *args]
+                     config: TorchrunConfig, *, module: bool = False) -> list[str]:
+    """The command line of one torchrun attempt.
+
+    Args:
+        python: the interpreter.
+        script: the workers' script, or a module name with ``module=True``.
+        args: the workers' arguments.
+        config: how torchrun starts the workers.
+        module: run ``script`` as a module (``python -m``) in each worker.
+    """
+    target = ["--module", script] if module else [script]
+    return [python, "-m", "torch.distributed.run", *config.args(), *target, *args]
