@@ -1,9 +1,11 @@
-"""Sharded (DCP) checkpoints in one process: format, verify, corruption, restore; and
+"""Sharded (DCP) checkpoints in one process: format, verify, corruption, restore,
+background saves (and the DistributedManager's handling of them, in a world of one); and
 the torchrun command a JobSpec builds."""
 
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -11,11 +13,15 @@ import torch
 from trainguard.checkpoint import CheckpointManager
 from trainguard.checkpoint.distributed import (
     DCP_METADATA,
+    TrainguardWriter,
     is_sharded,
     save_state_sharded,
 )
+from trainguard.checkpoint.sharded_saving import HostStager, start_save_state_sharded
+from trainguard.errors import CheckpointError
 from trainguard.launch.spec import JobSpec
 from trainguard.launch.torchrun import TorchrunConfig
+from trainguard.run.distributed import DistributedManager
 from trainguard.store import LocalStore
 
 
@@ -80,3 +86,102 @@ def test_torchrun_command_and_validation(tmp_path):
         TorchrunConfig(8, nnodes="2")
     with pytest.raises(ValueError, match="nproc_per_node"):
         JobSpec("train.py", cwd=str(tmp_path), torchrun={"nproc_per_node": 0})
+
+
+# -- background sharded saves -----------------------------------------------------------------
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """Holds every rank's write until ``gate.set()``; ``gate.fail`` makes writes raise."""
+    opened = threading.Event()
+    opened.fail = False
+    original = TrainguardWriter.write_data
+
+    def write_data(self, plan, planner):
+        if not opened.wait(30):
+            raise RuntimeError("the gate was never opened")
+        if opened.fail:
+            raise RuntimeError("injected write failure")
+        return original(self, plan, planner)
+
+    monkeypatch.setattr(TrainguardWriter, "write_data", write_data)
+    return opened
+
+
+def test_background_sharded_save_writes_the_values_of_the_call(tmp_path, gate):
+    state = _state(0)
+    handle = start_save_state_sharded(LocalStore(tmp_path), 5, state, HostStager())
+    assert not handle.done() and handle.seconds_to_durable is None  # the write is held
+    with torch.no_grad():
+        state["model"].weight.add_(1000.0)
+        state["extra"].add_(1000.0)
+    gate.set()
+    info = handle.wait()
+    assert info.step == 5 and info.manifest is not None and handle.seconds_to_durable > 0
+    target = _state(1)
+    assert CheckpointManager(tmp_path).restore(target) == 5
+    ref = _state(0)
+    assert torch.equal(target["model"].weight, ref["model"].weight)
+    assert torch.equal(target["extra"], ref["extra"])
+
+
+def test_failed_background_sharded_save_raises_from_wait_and_commits_nothing(tmp_path, gate):
+    gate.fail = True
+    gate.set()
+    handle = start_save_state_sharded(LocalStore(tmp_path), 5, _state(0), HostStager())
+    with pytest.raises(CheckpointError, match="injected write failure") as caught:
+        handle.wait()
+    assert handle.error_reported and caught.value.__cause__ is handle.error
+    assert handle.seconds_to_durable is None
+    assert CheckpointManager(tmp_path).latest_valid() is None
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """An initialized torch.distributed world of one gloo process, and a DTensor state."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0,
+                            world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    yield lambda seed: {"w": distribute_tensor(torch.full((4, 3), float(seed)), mesh,
+                                               [Shard(0)]), "seen": seed}
+    dist.destroy_process_group()
+
+
+def test_distributed_manager_raises_a_failed_background_save_once(tmp_path, gate,
+                                                                  world_of_one):
+    mgr = DistributedManager(CheckpointManager(tmp_path / "run"))
+    gate.fail = True
+    gate.set()
+    mgr.save(1, world_of_one(1))
+    with pytest.raises(CheckpointError, match="sharded save of step 1 failed"):
+        mgr.save(2, world_of_one(2))  # not started: the failure comes first
+    gate.fail = False
+    assert mgr.save(2, world_of_one(2)).wait().step == 2  # raised once, not again
+    gate.fail = True
+    with pytest.raises(CheckpointError, match="sharded save of step 3 failed"):
+        mgr.save(3, world_of_one(3), blocking=True)
+    mgr.save(4, world_of_one(4))
+    with pytest.raises(CheckpointError, match="sharded save of step 4 failed"):
+        mgr.close()
+    assert [i.step for i in CheckpointManager(tmp_path / "run").list() if i.valid] == [2]
+
+
+def test_distributed_manager_close_and_restore_wait_for_the_save_in_flight(tmp_path, gate,
+                                                                          world_of_one):
+    mgr = DistributedManager(CheckpointManager(tmp_path / "run"))
+    state = world_of_one(3)
+    mgr.save(3, state)
+    with torch.no_grad():
+        state["w"].add_(1000.0)
+    gate.set()  # the write is still to happen: restore must wait for its commit
+    target = world_of_one(0)
+    assert mgr.restore(target) == 3
+    assert torch.equal(target["w"].full_tensor(), torch.full((4, 3), 3.0))
+    mgr.save(4, world_of_one(4))
+    mgr.close()
+    assert (tmp_path / "run/checkpoints/step-000000004/manifest.json").exists()

@@ -22,6 +22,8 @@ Invariants:
   retention and ``trainguard ls|verify`` treat a sharded checkpoint like any other.
 * Readers check each chunk's checksum before handing its bytes to DCP, and the metadata
   file's checksum (from the manifest) before parsing it.
+
+Background (asynchronous) sharded saves are in :mod:`trainguard.checkpoint.sharded_saving`.
 """
 
 from __future__ import annotations
@@ -392,10 +394,23 @@ def save_state_sharded(store: Store, step: int, state: dict, *, metrics: dict | 
     """Save a training state (modules, optimizers, DTensors, plain values) sharded.
 
     Tensors go through DCP (each rank writes its shards); the JSON tree of everything
-    else goes to ``state.json`` (the coordinator's). A collective over ``process_group``.
+    else goes to ``state.json`` (the coordinator's). A collective over ``process_group``;
+    blocks until the commit (``sharded_saving.start_save_state_sharded`` returns once staged).
 
     Returns:
         The committed manifest on the coordinator, None on the other ranks.
+    """
+    tensors, state_json, make_manifest = prepare_save(step, state, metrics, tags, reason)
+    return save_sharded(store, step, tensors, state_json, make_manifest,
+                        process_group=process_group, on_commit=on_commit)
+
+
+def prepare_save(step: int, state: dict, metrics: dict | None, tags: dict[str, str] | None,
+                 reason: str) -> tuple[dict[str, torch.Tensor], bytes, Callable[[dict], Manifest]]:
+    """The tensors, the ``state.json`` bytes and the manifest maker of a sharded save.
+
+    Raises:
+        TypeError: the state holds a value that cannot be saved without pickle.
     """
     from trainguard.checkpoint.manager import _clean_metrics, _versions
 
@@ -409,8 +424,7 @@ def save_state_sharded(store: Store, step: int, state: dict, *, metrics: dict | 
         return Manifest(step=step, created_at=time.time(), files=files, metrics=metrics,
                         tags=tags, reason=reason, versions=versions)
 
-    return save_sharded(store, step, tensors, state_json, make_manifest,
-                        process_group=process_group, on_commit=on_commit)
+    return tensors, state_json, make_manifest
 
 
 def restore_state_sharded(store: Store, state: dict, step: int, manifest: Manifest, *,

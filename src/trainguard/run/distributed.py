@@ -10,13 +10,18 @@ state, the same on every rank:
   checkpoint that verifies and broadcasts its step; every other rank then restores that
   very step, so no rank reads a step that is not committed or a different one.
 * **sharded** (any DTensor, e.g. FSDP2): every save is a collective through
-  ``torch.distributed.checkpoint`` (:mod:`trainguard.checkpoint.distributed`); each rank
-  writes its shards, rank 0 commits after all succeeded; restore reshards to the live
-  placements, whatever the world size at save time.
+  ``torch.distributed.checkpoint`` (:mod:`trainguard.checkpoint.distributed`); ``save``
+  returns once this rank's shards are copied to host memory, then each rank writes its
+  shards in the background and rank 0 commits after all succeeded (and hands the commit
+  to the mirror, with two tiers). Restore reshards to the live placements, whatever the
+  world size at save time, from the primary or (two tiers) the mirror.
 
 Checkpoint collectives (the step broadcast, DCP's plan/gather) run on their own gloo
 process group, created here, so they never interleave with the training collectives of
-the default (NCCL) group.
+the default (NCCL) group. A background sharded save runs collectives on that group from
+DCP's thread; at most one is in flight, and this thread joins it before any other use of
+the group (the next save, a restore), so the two never interleave. A failed background
+save is raised once, on every rank alike, by the next ``save``, ``wait`` or ``close``.
 
 Limits (documented in docs/distributed.md): rank 0's non-tensor state and its copy of
 replicated tensors (RNG streams included) are what is saved; ``error`` saves are skipped
@@ -32,14 +37,16 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainguard.checkpoint import CheckpointInfo, CheckpointManager, SaveHandle
-from trainguard.checkpoint.distributed import (
-    is_sharded,
-    restore_state_sharded,
-    save_state_sharded,
+from trainguard.checkpoint.distributed import is_sharded, restore_state_sharded
+from trainguard.checkpoint.sharded_saving import (
+    HostStager,
+    ShardedSave,
+    describe_failure,
+    start_save_state_sharded,
 )
-from trainguard.checkpoint.format import step_dir
 from trainguard.checkpoint.tree import flatten
 from trainguard.errors import CheckpointCorrupt, CheckpointError, CheckpointNotFound, StateMismatch
 
@@ -113,32 +120,6 @@ class ModelOptimizerState:
                        optim_state_dict=state["optim"])
 
 
-class _Done(SaveHandle):
-    """The handle of a save that finished before ``save`` returned (sharded mode)."""
-
-    def __init__(self, step: int, info: CheckpointInfo | None, error: BaseException | None,
-                 stall: float) -> None:
-        super().__init__(step, stall_seconds=stall)
-        self._info, self._error = info, error
-
-    @property
-    def skipped(self) -> bool:
-        return False
-
-    def done(self) -> bool:
-        return True
-
-    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
-        if self._error is not None:
-            raise CheckpointError(f"save of step {self.step} failed: {self._error!r}") \
-                from self._error
-        return self._info
-
-    @property
-    def seconds_to_durable(self) -> float | None:
-        return None if self._error is not None else self.stall_seconds
-
-
 class DistributedManager:
     """The checkpoint manager of one rank of a multi-process run (see module docs).
 
@@ -158,6 +139,9 @@ class DistributedManager:
         seconds = timeout or float(os.environ.get(CKPT_TIMEOUT_ENV, _DEFAULT_TIMEOUT))
         # Every rank creates it at the same point (opening the Run): a collective.
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+        self._stager = HostStager()
+        self._inflight: ShardedSave | None = None
+        self._error: tuple[int, BaseException] | None = None  # a failed save, not raised yet
 
     @property
     def store(self):
@@ -174,25 +158,63 @@ class DistributedManager:
         if self.coordinator:
             self.inner.acquire_writer()
 
+    def _drain(self) -> None:
+        """Wait for the in-flight sharded save; keep its error for the next raising call.
+
+        Its collectives on ``self.group`` end with it: call this before any other use of
+        the group from this thread.
+        """
+        save, self._inflight = self._inflight, None
+        if save is not None:
+            save.join()
+            if save.error is not None and not save.error_reported:
+                save.error_reported = True
+                self._error = (save.step, save.error)
+
+    def _raise_pending(self) -> None:
+        self._drain()
+        if self._error is not None:
+            (step, error), self._error = self._error, None
+            raise CheckpointError(f"sharded save of step {step} failed in the background: "
+                                  f"{describe_failure(error)}; nothing of it is committed") \
+                from error
+
     def wait(self) -> None:
-        """Wait for rank 0's in-flight save (replicated mode)."""
+        """Wait for the in-flight save (sharded: this rank's; replicated: rank 0's).
+
+        Raises:
+            CheckpointError: a background save failed since the last raising call
+                (sharded: on every rank alike).
+        """
+        self._raise_pending()
         if self.coordinator:
             self.inner.wait()
 
     def close(self) -> None:
-        """Finish rank 0's in-flight save and release the lock."""
-        self.inner.close()
+        """Finish the in-flight save, then (rank 0) its upload, and release the lock.
+
+        Raises:
+            CheckpointError: a background save failed (everything is closed anyway).
+        """
+        try:
+            self._raise_pending()
+        finally:
+            self._stager.close()
+            self.inner.close()
 
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint directory (this rank's view of the shared store)."""
+        self._drain()
         return self.inner.list()
 
     def latest_valid(self) -> CheckpointInfo | None:
         """The newest valid checkpoint (this rank's view of the shared store)."""
+        self._drain()
         return self.inner.latest_valid()
 
     def verify(self, step: int) -> CheckpointInfo:
         """Check every byte of the checkpoint at ``step``."""
+        self._drain()
         return self.inner.verify(step)
 
     # -- saving ----------------------------------------------------------------------------
@@ -202,8 +224,14 @@ class DistributedManager:
              blocking: bool = False) -> SaveHandle:
         """Save ``step``: rank 0 alone (replicated) or every rank's shards (sharded).
 
-        Every rank calls it at the same steps (the Run's step cadence guarantees it). ``error`` saves
-        are skipped (see below); in sharded mode ``preempted`` ones too.
+        Every rank calls it at the same steps (the Run's step cadence guarantees it). A
+        sharded save returns once this rank's shards are in host memory (``blocking``:
+        once committed); the previous one is waited for first. ``error`` saves are
+        skipped (see below); in sharded mode ``preempted`` ones too.
+
+        Raises:
+            CheckpointError: the previous background sharded save failed (raised once,
+                on every rank), or (``blocking``) this one did.
         """
         if reason == "error":
             # Under torchrun an error is most often a peer that died mid-step: this rank's
@@ -211,6 +239,9 @@ class DistributedManager:
             log.warning("not saving step %d after an error: in a distributed run the state "
                         "may be mid-step; the newest commit stays", step)
             return SaveHandle(step)
+        # The previous sharded save ends on every rank alike, so every rank raises here
+        # or none does: no rank starts a collective its peers skip.
+        self._raise_pending()
         sharded = _has_dtensor(state)
         if not sharded:
             if not self.coordinator:
@@ -221,25 +252,21 @@ class DistributedManager:
             log.warning("not saving step %d (%s): a sharded save is a collective of every "
                         "rank, and this rank may be alone; the newest commit stays", step, reason)
             return SaveHandle(step)
-        return self._save_sharded(step, state, metrics, tags, reason)
-
-    def _save_sharded(self, step: int, state: dict, metrics: dict | None,
-                      tags: dict[str, str] | None, reason: str) -> SaveHandle:
-        import time
-
-        started = time.monotonic()
         self.inner.wait()  # nothing of rank 0's own in flight (e.g. a replicated save)
-        try:
-            manifest = save_state_sharded(self.store, step, state, metrics=metrics, tags=tags,
-                                          reason=reason, process_group=self.group,
+        handle = start_save_state_sharded(self.store, step, state, self._stager,
+                                          metrics=metrics, tags=tags, reason=reason,
+                                          process_group=self.group,
                                           on_commit=self._after_commit)
-        except Exception as exc:  # raised on every rank alike: nothing is committed
-            log.error("sharded save of step %d failed on some rank: %s", step, exc)
-            return _Done(step, None, exc, time.monotonic() - started)
-        info = CheckpointInfo(step, step_dir(step), manifest)
-        return _Done(step, info, None, time.monotonic() - started)
+        self._inflight = handle
+        if blocking:
+            handle.wait()
+        return handle
 
     def _after_commit(self, manifest: Any) -> None:
+        """Rank 0, in DCP's background thread, right after the commit: upload, retention."""
+        mirror = self.inner._mirror  # two tiers: the upload starts from the committed step
+        if mirror is not None:
+            mirror.enqueue(manifest.step)
         if self.inner.keep is not None:
             try:
                 self.inner.gc(self.inner.keep)
@@ -255,6 +282,7 @@ class DistributedManager:
             CheckpointNotFound: nothing valid to restore (on every rank).
             StateMismatch, CheckpointCorrupt: as :meth:`CheckpointManager.restore`.
         """
+        self._drain()  # no background collective may interleave with the restore's
         if _has_dtensor(state):
             return self._restore_sharded(state, step)
         found: list[Any] = [None]
@@ -271,24 +299,34 @@ class DistributedManager:
         return found
 
     def _restore_sharded(self, state: dict, step: int | None) -> int:
-        candidates = [step] if step is not None else None
-        if self.coordinator and candidates is None:
-            candidates = [i.step for i in reversed(self.inner.list()) if i.valid]
+        # Rank 0 picks the candidates, (step, tier) newest first, so every rank reads the
+        # same checkpoint from the same tier (the mirror's when the primary lost it).
+        candidates = None
+        if self.coordinator:
+            candidates = [(i.step, i.tier) for i in self.inner._candidates()
+                          if i.valid and step in (None, i.step)]
+            if step is not None and not candidates:
+                candidates = [(step, "primary")]  # not found below, on every rank alike
         candidates = self._broadcast(candidates)
-        for candidate in candidates:
-            info = next((i for i in self.inner.list() if i.step == candidate), None)
+        for candidate, tier in candidates:
+            manager = self.inner.remote if tier == "mirror" else self.inner
+            info = next((i for i in manager.list() if i.step == candidate), None)
             if info is None or not info.valid:
                 raise CheckpointNotFound(f"no valid checkpoint at step {candidate}")
             if not is_sharded(info.manifest):
                 raise StateMismatch(f"{info.key} is not sharded but the state holds DTensors; "
                                     f"restore it in one process and save it sharded")
             try:
-                return restore_state_sharded(self.store, state, candidate, info.manifest,
-                                             process_group=self.group)
-            except Exception as exc:  # DCP raises on every rank alike
+                restored = restore_state_sharded(manager.store, state, candidate,
+                                                 info.manifest, process_group=self.group)
+            except (Exception, CheckpointException) as exc:  # raised on every rank alike
                 if step is not None:
                     raise
-                log.warning("skipping sharded checkpoint step %d: %s", candidate, exc)
+                log.warning("skipping sharded checkpoint step %d: %s", candidate,
+                            describe_failure(exc))
+                continue
+            log.info("restored sharded step %d from %s", restored, manager.store.url)
+            return restored
         raise CheckpointNotFound(f"no valid checkpoint to restore in {self.store.url}")
 
     def _broadcast(self, value: Any) -> Any:
