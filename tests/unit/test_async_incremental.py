@@ -188,3 +188,23 @@ def test_a_retired_directory_is_never_overwritten(tmp_path):
     with pytest.raises(CheckpointExists, match="still read"):
         CheckpointManager(tmp_path).save(1, {"model": model})  # e.g. a fresh start
     assert mgr.verify(2).valid
+
+
+def test_prepare_reserves_the_arena_the_first_save_uses(tmp_path):
+    """prepare() allocates in the background; the first save copies into that very
+    buffer (no allocation inside the save) and still saves the right values."""
+    model = torch.nn.Linear(256, 256)
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.prepare({"model": model})
+    mgr._arena._adopt_reserved()  # wait for the background allocation
+    reserved = mgr._arena._buffer
+    assert reserved is not None and mgr._arena.capacity >= 256 * 257 * 4
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    mgr.save(1, {"model": model}).wait()
+    assert mgr._arena._buffer.data_ptr() == reserved.data_ptr()
+    target = torch.nn.Linear(256, 256)
+    assert mgr.restore({"model": target}) == 1
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, expected[key])
+    mgr.close()
+    assert mgr._arena._buffer is None  # close gives the host copy back

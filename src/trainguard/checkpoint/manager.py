@@ -281,6 +281,19 @@ class CheckpointManager:
 
     # -- saving --------------------------------------------------------------------------
 
+    def prepare(self, state: dict) -> None:
+        """Reserve, in the background, the host memory that saves of ``state`` copy into.
+
+        Call it once the state is built (``Run`` does, right after resuming): the first
+        save then stalls no longer than later ones instead of also allocating (and, for
+        GPU state, pinning) a host copy of the whole state. Optional: without it the
+        first save allocates what it needs.
+        """
+        _, tensors, _ = flatten_with_fresh(state)
+        tensors = list(tensors.values())
+        self._arena.reserve(HostArena.bytes_needed(tensors),
+                            pin=any(t.device.type == "cuda" for t in tensors))
+
     def save(self, step: int, state: dict, metrics: dict | None = None, *,
              tags: dict[str, str] | None = None, reason: str = "periodic",
              blocking: bool = False) -> SaveHandle:

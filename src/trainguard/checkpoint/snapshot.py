@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -58,14 +59,56 @@ class HostArena:
         self.pinned = False
         self._registered: list[int] = []  # addresses registered with cudaHostRegister
         weakref.finalize(self, _unregister, self._registered)
+        self._reserving: threading.Thread | None = None
+        self._reserved: tuple | None = None  # (buffer, pinned, registered) from reserve()
 
     @property
     def capacity(self) -> int:
         """Bytes currently allocated."""
         return 0 if self._buffer is None else self._buffer.numel()
 
+    def reserve(self, total_bytes: int, pin: bool) -> None:
+        """Allocate the buffer in a background thread, so that the first save finds it
+        ready: pinning 19.3 GB took ~9-12 s on an H100 host, and faulting in 1 GB of
+        fresh CPU pages ~0.3 s, both otherwise spent inside the first save's stall.
+        :meth:`reset` waits for it (a save started too early waits the rest)."""
+        self._adopt_reserved()
+        pin = pin and torch.cuda.is_available()
+        if self.capacity >= total_bytes and (self.pinned or not pin):
+            return
+
+        def allocate() -> None:
+            try:
+                registered: list[int] = []
+                buffer = _pinned(total_bytes, registered) if pin else None
+                if buffer is None:
+                    buffer = torch.empty(total_bytes, dtype=torch.uint8)
+                    buffer.fill_(0)  # fault the pages in now, not during the snapshot
+                self._reserved = (buffer, pin, registered)
+            except Exception as exc:  # noqa: BLE001 -- the save allocates instead
+                log.warning("could not reserve %d bytes of host memory for checkpoints "
+                            "ahead of time (%r); the first save allocates them", total_bytes,
+                            exc)
+
+        self._reserving = threading.Thread(target=allocate, name="trainguard-arena",
+                                           daemon=True)
+        self._reserving.start()
+
+    def _adopt_reserved(self) -> None:
+        """Wait for :meth:`reserve`'s thread, then make its buffer the arena's."""
+        if self._reserving is not None:
+            self._reserving.join()
+            self._reserving = None
+        if self._reserved is not None:
+            buffer, pinned, registered = self._reserved
+            self._reserved = None
+            self.release()
+            self._buffer, self.pinned = buffer, pinned
+            self._registered.extend(registered)
+
     def reset(self, total_bytes: int, pin: bool) -> None:
         """Prepare for a snapshot of ``total_bytes`` (plus alignment); grows if needed."""
+        self._adopt_reserved()
         if self._buffer is None or self._buffer.numel() < total_bytes or (pin and not self.pinned):
             self.release()  # free the old one before allocating its successor
             pin = pin and torch.cuda.is_available()
@@ -77,6 +120,8 @@ class HostArena:
 
     def release(self) -> None:
         """Drop the buffer (unpinning it first); the next save allocates anew."""
+        if self._reserving is not None:  # never leave a reservation behind
+            self._adopt_reserved()
         _unregister(self._registered)
         self._buffer = None
         self.pinned = False

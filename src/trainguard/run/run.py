@@ -242,6 +242,9 @@ class Run:
                                   self.config.capture_rng)
         self._checks = [check.fresh() for check in self.config.data_checks]
         self._resume(s)
+        prepare = getattr(s.manager, "prepare", None)  # one process: no first-save stall
+        if prepare is not None:
+            prepare(self.state)
         s.metrics.sinks = open_sinks(s.dir, self.config.tensorboard, self.config.wandb,
                                      purge_step=self.start_step + 1)
         return self.start_step
