@@ -126,6 +126,29 @@ def test_background_sharded_save_writes_the_values_of_the_call(tmp_path, gate):
     assert torch.equal(target["extra"], ref["extra"])
 
 
+@pytest.mark.parametrize("fail", [False, True])
+def test_torch_without_async_stager_saves_synchronously(tmp_path, monkeypatch, fail):
+    """Older torch (async_save without async_stager=): the same interface, blocking."""
+    import trainguard.checkpoint.sharded_saving as sharded
+
+    monkeypatch.setattr(sharded, "_ASYNC_STAGER", False)
+    if fail:
+        def write_data(self, plan, planner):
+            raise RuntimeError("injected write failure")
+        monkeypatch.setattr(TrainguardWriter, "write_data", write_data)
+    handle = start_save_state_sharded(LocalStore(tmp_path), 5, _state(0), HostStager())
+    assert handle.done()  # nothing left in the background
+    if fail:
+        with pytest.raises(CheckpointError):
+            handle.wait()
+        assert CheckpointManager(tmp_path).latest_valid() is None
+        return
+    assert handle.wait().step == 5
+    target = _state(1)
+    assert CheckpointManager(tmp_path).restore(target) == 5
+    assert torch.equal(target["extra"], _state(0)["extra"])
+
+
 def test_failed_background_sharded_save_raises_from_wait_and_commits_nothing(tmp_path, gate):
     gate.fail = True
     gate.set()

@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import logging
 import threading
 import time
@@ -45,6 +46,12 @@ from trainguard.store import Store
 
 log = logging.getLogger("trainguard.checkpoint")
 
+# dcp.async_save takes a custom stager from torch 2.6 on; before, sharded saves block.
+_ASYNC_STAGER = "async_stager" in inspect.signature(dcp.async_save).parameters
+if not _ASYNC_STAGER:
+    log.info("torch %s: dcp.async_save takes no stager; sharded saves are synchronous",
+             torch.__version__)
+
 
 def start_save_state_sharded(store: Store, step: int, state: dict, stager: HostStager, *,
                              metrics: dict | None = None, tags: dict[str, str] | None = None,
@@ -64,9 +71,19 @@ def start_save_state_sharded(store: Store, step: int, state: dict, stager: HostS
     started = time.monotonic()
     tensors, state_json, make_manifest = prepare_save(step, state, metrics, tags, reason)
     writer = TrainguardWriter(store, step, make_manifest, state_json, on_commit)
-    future = dcp.async_save(tensors, storage_writer=writer, planner=DefaultSavePlanner(),
-                            process_group=process_group, async_stager=stager,
-                            no_dist=process_group is None)
+    if _ASYNC_STAGER:
+        future = dcp.async_save(tensors, storage_writer=writer, planner=DefaultSavePlanner(),
+                                process_group=process_group, async_stager=stager,
+                                no_dist=process_group is None)
+    else:  # older torch: the same save, synchronously, behind the same interface
+        future = concurrent.futures.Future()
+        try:
+            dcp.save(tensors, storage_writer=writer, planner=DefaultSavePlanner(),
+                     process_group=process_group, no_dist=process_group is None)
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
     return ShardedSave(step, store.url, writer, future, started, time.monotonic() - started)
 
 
