@@ -37,6 +37,26 @@ def _saved(tmp_path, step: int = 5) -> CheckpointManager:
     return CheckpointManager(tmp_path)
 
 
+def test_each_rank_commits_its_file_before_the_manifest_is_written(tmp_path):
+    """A store whose commit is per machine (a Modal volume on each node of a cluster):
+    the rank file must be committed before the coordinator writes the manifest."""
+    events = []
+
+    class Recording(LocalStore):
+        def write(self, key, data):
+            super().write(key, data)
+            events.append(("write", key.rsplit("/", 1)[-1]))
+
+        def commit(self):
+            super().commit()
+            events.append(("commit", None))
+
+    save_state_sharded(Recording(tmp_path), 5, _state(0))
+    rank_file = next(i for i, (op, key) in enumerate(events) if key and key.endswith(".distcp"))
+    manifest = events.index(("write", "manifest.json"))
+    assert ("commit", None) in events[rank_file + 1:manifest]
+
+
 def test_sharded_checkpoint_lists_verifies_and_restores(tmp_path):
     mgr = _saved(tmp_path)
     info = mgr.latest_valid()

@@ -161,6 +161,10 @@ class TrainguardWriter(StorageWriter):
             offset += len(view)
         hasher = Hasher()
         self.store.write(f"{self.key}/{name}", _hashed(buffers, hasher))
+        # Committed by this rank before it reports success: on a store whose commit is
+        # per machine (a Modal volume mounted on each node of a cluster) the manifest
+        # must never name a file that only this node's uncommitted view holds.
+        self.store.commit()
         results = [WriteResult(index=item.index, size_in_bytes=length, storage_data=Chunk(
             name, start, length, dtype_code(tensor.dtype), tuple(tensor.shape), digest,
             hasher.size, hasher.hexdigest()))
