@@ -250,6 +250,8 @@ class CheckpointManager:
                           "newest step is %s", self.remote.store.url, self.mirror_timeout,
                           self._mirror.uploaded_step)
             self._arena.release()  # the host copy of the state (pinned: unpinned first)
+            if self.remote is not None:
+                self.remote.close()  # its writer lock/lease, taken by remote retention
             if self._lock is not None:
                 self._lock.release()
 

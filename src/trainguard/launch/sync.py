@@ -31,6 +31,14 @@ def sync_once(source: str, dest: str, *, keep: int = 2) -> CheckpointInfo:
     """
     src = CheckpointManager(source)
     dst = CheckpointManager(dest)
+    try:
+        return _sync(src, dst, source, dest, keep)
+    finally:
+        dst.close()  # its writer lock (an object store's lease) is taken by gc
+
+
+def _sync(src: CheckpointManager, dst: CheckpointManager, source: str, dest: str,
+          keep: int) -> CheckpointInfo:
     for attempt in range(3):  # the newest may be deleted by retention mid-copy: take the next
         latest = src.latest_valid()
         if latest is None:
@@ -48,7 +56,6 @@ def sync_once(source: str, dest: str, *, keep: int = 2) -> CheckpointInfo:
             raise CheckpointCorrupt(f"copy of step {latest.step} at {dest} does not verify "
                                     f"({checked.problem}); removed, retry the sync")
         dst.gc(keep_last(keep))
-        dst.close()
         return checked
     raise CheckpointNotFound(f"{source} kept deleting its newest checkpoint while copying")
 

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from trainguard.errors import StoreError
 from trainguard.store.base import Data, check_key
+from trainguard.store.lease import DEFAULT_TTL, ObjectLease
 from trainguard.store.local import _chunks
 
 SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "r2")
@@ -190,6 +191,19 @@ class ObjectStore:
 
     def commit(self) -> None:
         """Nothing to do: an acknowledged PUT is durable and visible to every reader."""
+
+    def lock(self, name: str, purpose: str = "writer") -> ObjectLease:
+        """A writer lease on the object ``name`` (not yet acquired): conditional PUTs,
+        renewed in the background; ``TRAINGUARD_LEASE_TTL`` seconds (default 60) without
+        renewal free it. See :mod:`trainguard.store.lease`."""
+        raw = os.environ.get("TRAINGUARD_LEASE_TTL", "")
+        try:
+            ttl = float(raw) if raw else DEFAULT_TTL
+        except ValueError:
+            raise StoreError(f"TRAINGUARD_LEASE_TTL={raw!r} is not a number of seconds") \
+                from None
+        return ObjectLease(self._obs, self._store, self._path(name), self._url, ttl=ttl,
+                           purpose=purpose)
 
 
 def _rechunk(chunks: Iterator[memoryview], size: int) -> Iterator[bytes]:
