@@ -193,6 +193,37 @@ def test_torchrun_job_killed_rank_is_retried_and_resumes(home, tmp_path):
     assert (tmp_path / "out.pt").exists()
 
 
+EXIT_CODES = "tests/integration/launch_scripts/exit_codes.py"
+
+
+def test_torchrun_attempt_whose_workers_all_exit_75_resumes_without_a_retry(home, tmp_path):
+    # --retries 0: were the first attempt (torchrun itself exits 1) counted as a failure,
+    # the job would end failed after it.
+    result = tg("run", EXIT_CODES, "--run-dir", tmp_path / "run", "--nproc-per-node", 2,
+                "--retries", 0, "--", "75,75", "0,0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = result.stdout.split()[1]
+    row = job_row(job_id)
+    assert (row["status"], row["failures"], row["attempt"]) == ("succeeded", 0, 2)
+    assert [(a.exit_code, a.reason) for a in JobTable().attempts(job_id)] == [
+        (75, "exited; workers by local rank: {0: 75, 1: 75}"),
+        (0, "exited; workers by local rank: {0: 0, 1: 0}")]
+    log1 = (home / "jobs" / job_id / "attempt-1.log").read_text()
+    assert "torchrun exited with code 1" in log1 and "the attempt's exit code: 75" in log1
+
+
+def test_torchrun_attempt_with_one_worker_75_and_one_failed_is_a_failure(home, tmp_path):
+    result = tg("run", EXIT_CODES, "--run-dir", tmp_path / "run", "--nproc-per-node", 2,
+                "--retries", 0, "--", "75,3")
+    assert result.returncode == 1, result.stdout + result.stderr
+    job_id = result.stdout.split()[1]
+    row = job_row(job_id)
+    assert (row["status"], row["failures"]) == ("failed", 1)
+    assert "{0: 75, 1: 3}" in row["message"] and "0 retries used" in row["message"]
+    assert [(a.exit_code, a.reason) for a in JobTable().attempts(job_id)] == [
+        (1, "exited; workers by local rank: {0: 75, 1: 3}")]
+
+
 def test_bad_torchrun_options(home):
     result = tg("run", JOB, "--nnodes", "2")
     assert result.returncode == 2 and "rdzv" in result.stderr.lower(), result.stderr

@@ -13,7 +13,8 @@ How the script runs:
   (the command of :func:`torchrun_argv`, built by ``launch/torchrun.py``). Each worker
   starts as ``python -m trainguard.launch.modal_entry SCRIPT ARGS`` (:func:`worker_main`),
   which registers the volume in that worker too (a registration does not cross
-  processes) and records the worker's exit code. On a Modal cluster each node runs
+  processes), then runs the script and records its exit code as every trainguard torchrun
+  worker does (``launch/worker.py``). On a Modal cluster each node runs
   torchrun with ``--node-rank`` = its cluster rank and ``--master-addr`` = rank 0's
   address, both from ``modal.experimental.get_cluster_info()``.
 
@@ -25,7 +26,8 @@ Exit codes map onto Modal's behaviour, the same in both ways:
   becomes a Modal retry. Shortly before Modal's per-attempt timeout the script (or the
   torchrun child, which forwards it to every worker) gets SIGINT, so the Run saves and
   commits before Modal kills it. torchrun itself exits 1 when any worker fails, so under
-  torchrun the attempt counts as preempted when every worker of this node recorded 75;
+  torchrun the attempt counts as preempted when every worker of this node recorded 75
+  (``node_exit_code`` in ``launch/torchrun.py``, shared with the local supervisor);
 * anything else: :class:`JobFailed` is raised, which Modal's ``Retries`` retries.
 
 The volume is committed once more on every way out (on error too).
@@ -36,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -44,7 +45,15 @@ import tempfile
 import threading
 from pathlib import Path
 
-from trainguard.launch.torchrun import TorchrunConfig, torchrun_command
+from trainguard.launch import worker
+from trainguard.launch.torchrun import (
+    ENV_EXITS,
+    TorchrunConfig,
+    describe_workers,
+    node_exit_code,
+    torchrun_command,
+    worker_codes,
+)
 from trainguard.run import EXIT_RESUME
 
 log = logging.getLogger("trainguard.modal")
@@ -53,9 +62,8 @@ log = logging.getLogger("trainguard.modal")
 TIMEOUT_MARGIN = 120.0
 #: The module each torchrun worker starts with (:func:`worker_main`).
 WORKER_MODULE = "trainguard.launch.modal_entry"
-#: Environment of the torchrun workers: the volume to register, where to record exit codes.
-ENV_VOLUME, ENV_MOUNT, ENV_EXITS = ("TRAINGUARD_MODAL_VOLUME", "TRAINGUARD_MODAL_MOUNT",
-                                    "TRAINGUARD_EXIT_DIR")
+#: Environment of the torchrun workers: the volume to register (exit codes: ``ENV_EXITS``).
+ENV_VOLUME, ENV_MOUNT = "TRAINGUARD_MODAL_VOLUME", "TRAINGUARD_MODAL_MOUNT"
 
 
 class Preempted(RuntimeError):
@@ -66,25 +74,13 @@ class JobFailed(RuntimeError):
     """The training script exited with a failure code."""
 
 
-def _exit_code(exc: SystemExit) -> int:
-    if exc.code is None:
-        return 0
-    return exc.code if isinstance(exc.code, int) else 1
-
-
 def run_script(script: str, args: list[str], run_dir: str, env: dict | None = None) -> int:
     """Run ``script`` as ``__main__`` with ``args`` and ``TRAINGUARD_RUN_DIR``; its exit code."""
     os.environ.update(env or {})
     os.environ["TRAINGUARD_RUN_DIR"] = run_dir
-    sys.argv = [script, *args]
-    for path in (os.path.dirname(script), "/root"):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as exc:
-        return _exit_code(exc)
-    return 0
+    if "/root" not in sys.path:
+        sys.path.insert(0, "/root")  # the project's root in the container
+    return worker.run_as_main(script, args)
 
 
 def master_address(cluster) -> str:
@@ -125,8 +121,8 @@ def torchrun_argv(job: dict, cluster=None, python: str | None = None) -> list[st
                   "master_port": int(spec.get("master_port", 29500))}
     config = TorchrunConfig(nproc_per_node=int(spec["nproc_per_node"]),
                             max_restarts=int(spec.get("max_restarts", 0)), **static)
-    return torchrun_command(python or sys.executable, WORKER_MODULE,
-                            [job["script"], *job.get("args", ())], config, module=True)
+    return torchrun_command(python or sys.executable, job["script"], list(job.get("args", ())),
+                            config, entry=WORKER_MODULE)
 
 
 def _cluster_info():
@@ -176,21 +172,6 @@ def _forwarding_signals(pid: int):
             signal.signal(sig, handler)
 
 
-def _worker_codes(exit_dir: str) -> dict[int, int]:
-    """Local rank -> exit code, as the workers recorded them (:func:`worker_main`)."""
-    return {int(p.name.removeprefix("local-rank-")): int(p.read_text())
-            for p in Path(exit_dir).glob("local-rank-*")}
-
-
-def node_exit_code(torchrun_code: int, workers: dict[int, int], nproc_per_node: int) -> int:
-    """This node's exit code: torchrun's, except that a node whose every worker exited 75
-    was preempted (torchrun reports 1 whenever a worker exits non-zero)."""
-    if torchrun_code != 0 and len(workers) == nproc_per_node and set(workers.values()) == {
-            EXIT_RESUME}:
-        return EXIT_RESUME
-    return torchrun_code
-
-
 def run_torchrun(job: dict, deadline: float, cluster=None) -> tuple[int, dict[int, int]]:
     """Run the job's torchrun command as a child; (this node's exit code, worker codes)."""
     nnodes = int(job["torchrun"].get("nnodes", 1))
@@ -207,7 +188,7 @@ def run_torchrun(job: dict, deadline: float, cluster=None) -> tuple[int, dict[in
         child = subprocess.Popen(command, env=env, start_new_session=True)
         with _forwarding_signals(child.pid), _alarm(deadline, child.pid):
             code = child.wait()
-        workers = _worker_codes(exit_dir)
+        workers = worker_codes(exit_dir)
     return node_exit_code(code, workers, int(job["torchrun"]["nproc_per_node"])), workers
 
 
@@ -221,23 +202,17 @@ def worker_main(argv: list[str]) -> int:
     """One torchrun worker: register the volume, run ``SCRIPT ARGS``, record the exit code.
 
     Returns:
-        The script's exit code (also written to ``$TRAINGUARD_EXIT_DIR/local-rank-N``; an
-        uncaught exception is recorded as 1 and raised).
+        The script's exit code (recorded as :func:`trainguard.launch.worker.worker_main`
+        does: in ``$TRAINGUARD_EXIT_DIR/local-rank-N``; an uncaught exception is recorded
+        as 1 and raised).
     """
     from trainguard.store.modal_volume import register_mount
 
     if not argv:
         raise SystemExit("usage: python -m trainguard.launch.modal_entry SCRIPT [ARGS...]")
     register_mount(os.environ[ENV_MOUNT], _mounted_volume(os.environ[ENV_VOLUME]))
-    code = 1
-    try:
-        code = run_script(argv[0], argv[1:], os.environ["TRAINGUARD_RUN_DIR"])
-    finally:
-        exit_dir = os.environ.get(ENV_EXITS)
-        if exit_dir:
-            name = f"local-rank-{os.environ.get('LOCAL_RANK', '0')}"
-            Path(exit_dir, name).write_text(str(code))
-    return code
+    run_dir = os.environ["TRAINGUARD_RUN_DIR"]
+    return worker.worker_main(argv, run=lambda script, args: run_script(script, args, run_dir))
 
 
 def _commit(volume) -> None:
@@ -280,7 +255,9 @@ def run_job(job: dict, volume=None, cluster=None) -> dict:
     finally:
         _commit(volume)
         unregister_mount(job["mount_path"])
-    detail = f" (workers by local rank: {dict(sorted(workers.items()))})" if workers else ""
+    detail = ""
+    if job.get("torchrun"):
+        detail = f" ({describe_workers(workers, int(job['torchrun']['nproc_per_node']))})"
     if code == EXIT_RESUME:
         raise Preempted(f"{job['script']} committed and stopped early (exit code 75){detail}; "
                         "the input runs again and resumes")

@@ -16,6 +16,12 @@ restart at once without consuming a retry (bounded by ``max_resumes``). Anything
 and timeouts and hangs -> a retry after the policy's delay, until retries run out.
 Every attempt resumes from the newest valid checkpoint, because ``Run`` always does.
 
+Under torchrun the attempt's exit code is the node's (``node_exit_code`` in
+``launch/torchrun.py``): torchrun exits 1 whenever a worker exits non-zero, so each
+worker records its own code in ``jobs/<id>/attempt-<n>.exits/`` and an attempt whose
+every worker exited ``EXIT_RESUME`` counts as one exit code 75. A mixed outcome (some 75,
+some failed or killed) is a failure; the attempt's reason and log name each worker's code.
+
 Run detached as ``python -m trainguard.launch.supervisor JOB_ID``.
 """
 
@@ -28,9 +34,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from trainguard.checkpoint import CheckpointManager
 from trainguard.launch.jobs import JobTable
+from trainguard.launch.torchrun import (
+    ENV_EXITS,
+    describe_workers,
+    node_exit_code,
+    worker_codes,
+)
 from trainguard.run import EXIT_RESUME
 from trainguard.run.heartbeat import read_heartbeat
 
@@ -88,9 +101,11 @@ class Supervisor:
         attempt = failures = resumes = 0
         while True:
             attempt += 1
-            code, reason = self._attempt(attempt)
-            self.table.end_attempt(self.job_id, attempt, code, reason)
-            log.info("attempt %d ended: exit code %s (%s)", attempt, code, reason)
+            code, reason, workers = self._attempt(attempt)
+            recorded = f"{reason}; {workers}" if workers else reason
+            self.table.end_attempt(self.job_id, attempt, code, recorded)
+            log.info("attempt %d ended: exit code %s (%s)", attempt, code, recorded)
+            ended = f"{reason} (exit code {code}{'; ' + workers if workers else ''})"
             if self._stop or reason == "budget":
                 why = "budget reached" if reason == "budget" else "stopped on request"
                 return self._finish("stopped", f"{why} after attempt {attempt}")
@@ -105,11 +120,11 @@ class Supervisor:
             failures += 1
             self.table.update(self.job_id, failures=failures)
             if failures > policy.retries:
-                return self._finish("failed", f"attempt {attempt} {reason} (exit code {code});"
-                                    f" {policy.retries} retries used")
+                return self._finish("failed", f"attempt {attempt} {ended}; "
+                                    f"{policy.retries} retries used")
             delay = policy.delay_before_retry(failures)
             self.table.update(self.job_id, status="retrying",
-                              message=f"attempt {attempt} {reason} (exit code {code}); "
+                              message=f"attempt {attempt} {ended}; "
                                       f"retry {failures}/{policy.retries} in {delay:.0f} s")
             if not self._wait(delay):
                 return self._finish("stopped", f"stopped on request after attempt {attempt}")
@@ -131,23 +146,31 @@ class Supervisor:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _child_env(self) -> dict:
+    def _child_env(self, exit_dir: Path | None) -> dict:
         env = {**os.environ, **self.spec.env}
         env.update(TRAINGUARD_RUN_DIR=self.spec.run_dir, TRAINGUARD_JOB_ID=self.job_id,
                    PYTHONUNBUFFERED="1")
+        if exit_dir is not None:
+            env[ENV_EXITS] = str(exit_dir)
         return env
 
-    def _attempt(self, n: int) -> tuple[int | None, str]:
-        log_path = self.table.job_dir(self.job_id) / f"attempt-{n}.log"
+    def _attempt(self, n: int) -> tuple[int | None, str, str]:
+        """Run attempt ``n``: (exit code, reason, its torchrun workers' codes or "")."""
+        job_dir = self.table.job_dir(self.job_id)
+        log_path = job_dir / f"attempt-{n}.log"
         self.table.start_attempt(self.job_id, n)
         if not os.path.isfile(self.spec.script):
             with open(log_path, "a") as out:
                 out.write(f"trainguard: {self.spec.script} no longer exists; not started\n")
-            return None, "script missing"
+            return None, "script missing", ""
+        exit_dir = None
+        if self.spec.torchrun is not None:
+            exit_dir = job_dir / f"attempt-{n}.exits"
+            exit_dir.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
-            proc = subprocess.Popen(self.spec.command, cwd=self.spec.cwd, env=self._child_env(),
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(self.spec.command, cwd=self.spec.cwd,
+                                    env=self._child_env(exit_dir), stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.table.update(self.job_id, status="running", attempt=n, child_pid=proc.pid)
         started, started_wall = time.monotonic(), time.time()
         reason, kill_at = "exited", None
@@ -156,7 +179,10 @@ class Supervisor:
             if code is not None:
                 self._refresh(proc.pid, started_wall, force=True)
                 self._cost_before += self._rate() * (time.monotonic() - started)
-                return code, reason
+                if exit_dir is None:
+                    return code, reason, ""
+                code, workers = self._torchrun_outcome(code, exit_dir, log_path)
+                return code, reason, workers
             elapsed = time.monotonic() - started
             self._poll_stop_request()
             progress = self._refresh(proc.pid, started_wall)
@@ -172,6 +198,19 @@ class Supervisor:
             elif time.monotonic() >= kill_at:
                 _signal_group(proc.pid, signal.SIGKILL)
             time.sleep(self.poll)
+
+    def _torchrun_outcome(self, code: int, exit_dir: Path, log_path: Path) -> tuple[int, str]:
+        """The node's exit code from torchrun's and its workers' records, said in the log."""
+        nproc = self.spec.torchrun["nproc_per_node"]
+        workers = worker_codes(exit_dir)
+        node_code = node_exit_code(code, workers, nproc)
+        described = describe_workers(workers, nproc)
+        verdict = f"the attempt's exit code: {node_code}"
+        if node_code == EXIT_RESUME:
+            verdict += " (every worker saved and asked to be resumed)"
+        with open(log_path, "a") as out:
+            out.write(f"trainguard: torchrun exited with code {code}; {described}; {verdict}\n")
+        return node_code, described
 
     def _why_stop(self, elapsed: float, last_progress: float) -> str | None:
         if self._stop >= STOP_NOW:

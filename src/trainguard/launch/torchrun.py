@@ -6,6 +6,13 @@ timeout, hang detection (rank 0's heartbeat in the run directory) and graceful s
 torchrun's elastic agent restarts the workers up to ``max_restarts`` times; each restart
 resumes from the newest commit (``trainguard.Run`` restores the same step on every rank).
 
+torchrun exits 1 whenever a worker exits non-zero, so its own code cannot tell "every
+worker saved and asked to be resumed" (each exited ``EXIT_RESUME``) from a crash. Every
+worker therefore starts through an entry module (:data:`WORKER_ENTRY`, or Modal's) that
+runs the script and records the script's exit code in ``$TRAINGUARD_EXIT_DIR``, one file
+per local rank (:func:`exit_record`); whoever ran torchrun reads them back
+(:func:`worker_codes`) and derives the node's outcome (:func:`node_exit_code`).
+
 Several nodes meet either at a c10d rendezvous endpoint (``rdzv_endpoint``, elastic) or,
 where a platform hands every node its rank and rank 0's address (Modal clusters), through
 torchrun's static rendezvous (``node_rank`` + ``master_addr``).
@@ -13,11 +20,21 @@ torchrun's static rendezvous (``node_rank`` + ``master_addr``).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+from trainguard.run import EXIT_RESUME
 
 _ENDPOINT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
 _NNODES = re.compile(r"^\d+(:\d+)?$")
+
+#: The module every local torchrun worker starts with (``launch/worker.py``).
+WORKER_ENTRY = "trainguard.launch.worker"
+#: The directory where the workers record their exit codes (set by whoever runs torchrun).
+ENV_EXITS = "TRAINGUARD_EXIT_DIR"
+_RECORD = "local-rank-"
 
 
 @dataclass(frozen=True)
@@ -91,15 +108,55 @@ class TorchrunConfig:
 
 
 def torchrun_command(python: str, script: str, args: tuple[str, ...] | list[str],
-                     config: TorchrunConfig, *, module: bool = False) -> list[str]:
-    """The command line of one torchrun attempt.
+                     config: TorchrunConfig, *, entry: str = WORKER_ENTRY) -> list[str]:
+    """The command line of one torchrun attempt: each worker runs
+    ``python -m ENTRY SCRIPT ARGS``, which runs the script and records its exit code.
 
     Args:
         python: the interpreter.
-        script: the workers' script, or a module name with ``module=True``.
+        script: the workers' script.
         args: the workers' arguments.
         config: how torchrun starts the workers.
-        module: run ``script`` as a module (``python -m``) in each worker.
+        entry: the workers' entry module (Modal's registers its volume first).
     """
-    target = ["--module", script] if module else [script]
-    return [python, "-m", "torch.distributed.run", *config.args(), *target, *args]
+    return [python, "-m", "torch.distributed.run", *config.args(), "--module", entry, script,
+            *args]
+
+
+def exit_record(exit_dir: str | os.PathLike, local_rank: int | str) -> Path:
+    """The file in which the worker of ``local_rank`` records its exit code."""
+    return Path(exit_dir, f"{_RECORD}{local_rank}")
+
+
+def worker_codes(exit_dir: str | os.PathLike) -> dict[int, int]:
+    """Local rank -> exit code, as this node's workers recorded them. A worker that was
+    killed (or never started) has no record; an unreadable record counts as none."""
+    codes = {}
+    for path in Path(exit_dir).glob(f"{_RECORD}*"):
+        try:
+            codes[int(path.name.removeprefix(_RECORD))] = int(path.read_text())
+        except ValueError:
+            continue
+    return dict(sorted(codes.items()))
+
+
+def node_exit_code(torchrun_code: int, workers: dict[int, int], nproc_per_node: int) -> int:
+    """This node's exit code: torchrun's, except that a node whose every worker exited
+    ``EXIT_RESUME`` was preempted (torchrun reports 1 whenever a worker exits non-zero).
+
+    A mixed outcome (some workers 75, one failed, finished or died without a record) is
+    torchrun's code, a failure: the workers did not all commit and stop at the same step.
+    """
+    if torchrun_code != 0 and len(workers) == nproc_per_node and set(workers.values()) == {
+            EXIT_RESUME}:
+        return EXIT_RESUME
+    return torchrun_code
+
+
+def describe_workers(workers: dict[int, int], nproc_per_node: int | None = None) -> str:
+    """``"workers by local rank: {0: 75, 1: 3}"``, naming the ranks that recorded nothing."""
+    text = f"workers by local rank: {dict(sorted(workers.items()))}"
+    missing = [r for r in range(nproc_per_node or 0) if r not in workers]
+    if missing:
+        text += f"; none recorded by {', '.join(map(str, missing))} (killed?)"
+    return text
