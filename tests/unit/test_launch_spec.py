@@ -71,3 +71,28 @@ def test_job_table_records_jobs_and_attempts(tmp_path):
     assert [(a.n, a.exit_code, a.reason) for a in other.attempts(job_id)] == [(1, 3, "exited")]
     with pytest.raises(JobNotFound, match="no job 'zzz'"):
         other.resolve("zzz")
+
+
+def test_torchrun_waits_the_jobs_stop_grace_before_killing_saving_workers(monkeypatch,
+                                                                          tmp_path):
+    """torchrun SIGKILLs its workers 30 s after passing on a signal unless told otherwise;
+    a torchrun attempt's environment carries the job's grace, and torch reads it."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    from trainguard.launch.torchrun import ENV_SHUTDOWN_TIMEOUT, shutdown_env
+
+    env = shutdown_env(300.0)
+    assert env == {ENV_SHUTDOWN_TIMEOUT: "300"}
+    assert shutdown_env(5) == {ENV_SHUTDOWN_TIMEOUT: "30"}  # never below torch's default
+    monkeypatch.setenv(ENV_SHUTDOWN_TIMEOUT, env[ENV_SHUTDOWN_TIMEOUT])
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2)
+    assert config.shutdown_timeout == 300
+    from trainguard.launch.supervisor import Supervisor
+
+    script = tmp_path / "train.py"
+    script.write_text("")
+    table = JobTable(tmp_path / "home")
+    job = table.create(JobSpec(script=str(script), run_dir=str(tmp_path / "run"),
+                               stop_grace=240, torchrun={"nproc_per_node": 2}))
+    child_env = Supervisor(table, job)._child_env(tmp_path / "exits")
+    assert child_env[ENV_SHUTDOWN_TIMEOUT] == "240"

@@ -40,6 +40,7 @@ from trainguard.checkpoint import CheckpointManager
 from trainguard.launch.jobs import JobTable
 from trainguard.launch.torchrun import (
     ENV_EXITS,
+    shutdown_env,
     describe_workers,
     node_exit_code,
     worker_codes,
@@ -150,8 +151,9 @@ class Supervisor:
         env = {**os.environ, **self.spec.env}
         env.update(TRAINGUARD_RUN_DIR=self.spec.run_dir, TRAINGUARD_JOB_ID=self.job_id,
                    PYTHONUNBUFFERED="1")
-        if exit_dir is not None:
+        if exit_dir is not None:  # a torchrun attempt
             env[ENV_EXITS] = str(exit_dir)
+            env.update(shutdown_env(self.spec.stop_grace))
         return env
 
     def _attempt(self, n: int) -> tuple[int | None, str, str]:

@@ -107,6 +107,17 @@ class TorchrunConfig:
                 "--rdzv-endpoint", self.rdzv_endpoint]
 
 
+#: How long torchrun lets its workers shut down after passing on a signal before it
+#: SIGKILLs them (torch >= 2.10 reads it; its own default, 30 s, would cut a save short).
+ENV_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+
+
+def shutdown_env(grace: float) -> dict[str, str]:
+    """The workers' environment for a graceful stop of ``grace`` seconds, so torchrun
+    does not SIGKILL a saving worker before the launcher's own grace runs out."""
+    return {ENV_SHUTDOWN_TIMEOUT: str(max(30, int(grace)))}
+
+
 def torchrun_command(python: str, script: str, args: tuple[str, ...] | list[str],
                      config: TorchrunConfig, *, entry: str = WORKER_ENTRY) -> list[str]:
     """The command line of one torchrun attempt: each worker runs
