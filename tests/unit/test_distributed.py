@@ -228,3 +228,45 @@ def test_distributed_manager_close_and_restore_wait_for_the_save_in_flight(tmp_p
     mgr.save(4, world_of_one(4))
     mgr.close()
     assert (tmp_path / "run/checkpoints/step-000000004/manifest.json").exists()
+
+
+class NodeView(LocalStore):
+    """One node's view of a shared volume on a cluster: the shard files written (by
+    "other nodes") since the last ``refresh()`` are invisible, as on a Modal volume
+    before ``reload()``."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.unseen: set[str] = set()
+        self.refreshes = 0
+
+    def write(self, key, data):
+        n = super().write(key, data)
+        if key.endswith(".distcp"):
+            self.unseen.add(key)
+        return n
+
+    def list(self, prefix=""):
+        return [k for k in super().list(prefix) if k not in self.unseen]
+
+    def refresh(self):
+        self.refreshes += 1
+        self.unseen.clear()
+
+
+def test_retention_after_a_sharded_commit_sees_the_other_nodes_files(tmp_path, world_of_one):
+    """Without a refresh, rank 0 saw the other nodes' shards as missing, retention
+    called the new checkpoint incomplete and deleted it."""
+    from trainguard.checkpoint import keep_last
+
+    store = NodeView(tmp_path / "run")
+    mgr = DistributedManager(CheckpointManager(store, keep=keep_last(2)))
+    for step in (1, 2, 3):
+        mgr.save(step, world_of_one(step)).wait()
+    assert store.refreshes >= 3
+    assert [i.step for i in CheckpointManager(tmp_path / "run").list() if i.valid] == [2, 3]
+    store.unseen.add("checkpoints/step-000000003/rank00000.distcp")  # written elsewhere
+    target = world_of_one(0)
+    assert mgr.restore(target) == 3  # refreshed first: step 3 is seen whole
+    assert torch.equal(target["w"].full_tensor(), torch.full((4, 3), 3.0))
+    mgr.close()

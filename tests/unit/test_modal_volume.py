@@ -132,3 +132,18 @@ def test_modal_urls_are_parsed_and_bad_ones_refused():
     assert parse_modal_url("modal://runs/a/b") == ("runs", "a/b")
     with pytest.raises(ValueError, match="modal://VOLUME/PATH"):
         parse_modal_url("modal://")
+
+
+def test_refresh_reloads_the_volume_and_names_a_failure(tmp_path):
+    calls = []
+
+    class Reloading(RecordingVolume):
+        def reload(self):
+            calls.append("reload")
+            if self.fail:
+                raise RuntimeError("there are open files")
+
+    ModalVolumeStore(tmp_path, Reloading([])).refresh()
+    assert calls == ["reload"]
+    with pytest.raises(StoreError, match=r"volume.reload\(\) .* open files"):
+        ModalVolumeStore(tmp_path, Reloading([], fail=True)).refresh()

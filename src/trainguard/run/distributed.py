@@ -262,8 +262,22 @@ class DistributedManager:
             handle.wait()
         return handle
 
+    def _refresh(self) -> None:
+        """See the files other nodes committed (a Modal volume: ``reload()``); each node
+        of a cluster otherwise sees only its own, and every other rank's shard looks
+        missing."""
+        refresh = getattr(self.store, "refresh", None)
+        if refresh is not None:
+            refresh()
+
     def _after_commit(self, manifest: Any) -> None:
         """Rank 0, in DCP's background thread, right after the commit: upload, retention."""
+        try:
+            self._refresh()
+        except Exception as exc:  # noqa: BLE001 -- retention on a stale view would delete
+            log.warning("step %d committed, but neither retention nor the upload ran: %s",
+                        manifest.step, exc)
+            return
         mirror = self.inner._mirror  # two tiers: the upload starts from the committed step
         if mirror is not None:
             mirror.enqueue(manifest.step)
@@ -283,6 +297,10 @@ class DistributedManager:
             StateMismatch, CheckpointCorrupt: as :meth:`CheckpointManager.restore`.
         """
         self._drain()  # no background collective may interleave with the restore's
+        try:
+            self._refresh()  # files written on other nodes (rank 0's, other ranks' shards)
+        except Exception as exc:  # noqa: BLE001 -- what this node sees may still do
+            log.warning("restoring from this node's view of %s: %s", self.store.url, exc)
         if _has_dtensor(state):
             return self._restore_sharded(state, step)
         found: list[Any] = [None]

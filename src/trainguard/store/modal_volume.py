@@ -88,6 +88,21 @@ class ModalVolumeStore(LocalStore):
                              "checkpoint is not durable (the previous one still is)") from exc
         self.commits += 1
 
+    def refresh(self) -> None:
+        """See what other containers committed: ``volume.reload()``. A container sees
+        other containers' commits only after it reloads (nodes of a cluster included).
+
+        Raises:
+            StoreError: the reload failed (Modal refuses it while files are open).
+        """
+        reload = getattr(self.volume, "reload", None)
+        if reload is None:
+            return
+        try:
+            reload()
+        except Exception as exc:
+            raise StoreError(f"volume.reload() of {self.url} failed: {exc}") from exc
+
     def lock(self, name: str, purpose: str = "writer") -> FileLock:
         """A container-local writer lock.
 
