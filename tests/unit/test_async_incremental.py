@@ -71,6 +71,14 @@ def test_background_error_surfaces_once_and_previous_stays_latest(tmp_path, capl
     mgr.save(5, _big_state(5), blocking=True)
     assert [c.step for c in mgr.list() if c.valid] == [1, 3, 5]
 
+    store.fail_steps = {6}
+    handle = mgr.save(6, _big_state(6))
+    mgr.list()  # something drains the save first (a user's ls, latest_valid...)
+    with pytest.raises(CheckpointError, match="save of step 6 failed"):
+        handle.wait()  # the handle still reports it...
+    mgr.save(7, _big_state(7)).wait()  # ...and the next save does not raise it again
+    assert [c.step for c in mgr.list() if c.valid] == [1, 3, 5, 7]
+
 
 def test_skip_policy_skips_while_a_save_is_in_flight(tmp_path):
     mgr = CheckpointManager(tmp_path, if_busy="skip")

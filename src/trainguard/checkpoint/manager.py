@@ -186,7 +186,7 @@ class CheckpointManager:
         self._arena = HostArena()
         self._tracker = ChangeTracker()
         self._job: SaveJob | None = None
-        self._error: BaseException | None = None  # of a background save, not yet raised
+        self._failed = None  # the SaveJob of a failed background save, not yet raised
         self._ref_entries: dict[tuple[int, str], FileEntry] = {}  # files a next save may reuse
         self.mirror_timeout = mirror_timeout
         self.remote: CheckpointManager | None = None
@@ -216,14 +216,14 @@ class CheckpointManager:
         if job is not None:
             job.join()
             if job.error is not None and not job.error_reported:
-                job.error_reported = True
-                self._error = job.error
+                self._failed = job  # raised by the next raising call, unless its handle is
 
     def _raise_pending(self) -> None:
         self._drain()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise CheckpointError(f"a background save failed: {error!r}") from error
+        job, self._failed = self._failed, None
+        if job is not None and not job.error_reported:  # handle.wait() may have raised it
+            job.error_reported = True
+            raise CheckpointError(f"a background save failed: {job.error!r}") from job.error
 
     def wait(self) -> None:
         """Block until the in-flight save (if any) has committed.

@@ -141,7 +141,7 @@ class DistributedManager:
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
         self._stager = HostStager()
         self._inflight: ShardedSave | None = None
-        self._error: tuple[int, BaseException] | None = None  # a failed save, not raised yet
+        self._failed = None  # a failed ShardedSave, not raised yet
 
     @property
     def store(self):
@@ -168,16 +168,16 @@ class DistributedManager:
         if save is not None:
             save.join()
             if save.error is not None and not save.error_reported:
-                save.error_reported = True
-                self._error = (save.step, save.error)
+                self._failed = save  # raised by the next raising call, unless its handle is
 
     def _raise_pending(self) -> None:
         self._drain()
-        if self._error is not None:
-            (step, error), self._error = self._error, None
-            raise CheckpointError(f"sharded save of step {step} failed in the background: "
-                                  f"{describe_failure(error)}; nothing of it is committed") \
-                from error
+        save, self._failed = self._failed, None
+        if save is not None and not save.error_reported:  # handle.wait() may have raised it
+            save.error_reported = True
+            raise CheckpointError(f"sharded save of step {save.step} failed in the background: "
+                                  f"{describe_failure(save.error)}; nothing of it is committed") \
+                from save.error
 
     def wait(self) -> None:
         """Wait for the in-flight save (sharded: this rank's; replicated: rank 0's).
