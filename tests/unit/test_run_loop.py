@@ -321,3 +321,21 @@ def test_a_configured_manager_can_be_passed_in(tmp_path):
     assert saved(tmp_path) == [(4, "final")]
     with pytest.raises(ValueError, match="give the retention policy to the CheckpointManager"):
         Run(CheckpointManager(tmp_path), keep=keep_last(1), **FAST).__enter__()
+
+
+def test_snapshot_memory_is_reserved_after_step_one_for_the_whole_state(tmp_path):
+    """A fresh AdamW holds no moments until its first step: reserving at track() would
+    size the buffer for a third of the state and the first save would allocate anew."""
+    model, opt = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with Run(tmp_path, save_every_steps=3, **FAST) as run:
+        run.track(model=model, optimizer=opt)
+        for step in run.steps(3):
+            run.log(loss=train(model, opt, step))
+            if step == 2:  # reserved after step 1, with the moments
+                arena = run.manager._arena
+                arena._adopt_reserved()
+                reserved = arena._buffer.data_ptr()
+                assert arena.capacity >= 3 * sum(p.nbytes for p in model.parameters())
+        run.manager.wait()
+        assert arena._buffer.data_ptr() == reserved  # the first save (step 3) used it

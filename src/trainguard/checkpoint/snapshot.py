@@ -76,9 +76,12 @@ class HostArena:
         pin = pin and torch.cuda.is_available()
         if self.capacity >= total_bytes and (self.pinned or not pin):
             return
+        device = torch.cuda.current_device() if pin else None
 
         def allocate() -> None:
             try:
+                if device is not None:  # a new thread starts on GPU 0: register from ours
+                    torch.cuda.set_device(device)
                 registered: list[int] = []
                 buffer = _pinned(total_bytes, registered) if pin else None
                 if buffer is None:
@@ -109,6 +112,7 @@ class HostArena:
     def reset(self, total_bytes: int, pin: bool) -> None:
         """Prepare for a snapshot of ``total_bytes`` (plus alignment); grows if needed."""
         self._adopt_reserved()
+        self._waited.clear()  # a failed earlier snapshot may have left streams marked
         if self._buffer is None or self._buffer.numel() < total_bytes or (pin and not self.pinned):
             self.release()  # free the old one before allocating its successor
             pin = pin and torch.cuda.is_available()

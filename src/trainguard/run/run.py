@@ -114,6 +114,7 @@ class Run:
         self._done = 0  # last completed step
         self._current = 0  # step whose body runs (while _in_step)
         self._in_step = False
+        self._prepared = False  # the manager's snapshot memory reserved (after step 1)
         self._step_values: dict[str, float] = {}
         self._nonfinite: float | None = None
         self._phase_ran = False
@@ -242,9 +243,6 @@ class Run:
                                   self.config.capture_rng)
         self._checks = [check.fresh() for check in self.config.data_checks]
         self._resume(s)
-        prepare = getattr(s.manager, "prepare", None)  # one process: no first-save stall
-        if prepare is not None:
-            prepare(self.state)
         s.metrics.sinks = open_sinks(s.dir, self.config.tensorboard, self.config.wandb,
                                      purge_step=self.start_step + 1)
         return self.start_step
@@ -373,6 +371,13 @@ class Run:
             self._rollback(s, step, "the model's parameters hold NaN/inf")
             return
         self._complete(step)
+        if not self._prepared:
+            # After a first step the optimizer's moments exist: reserve the snapshot memory
+            # for the whole state now, in the background, not inside the first save.
+            self._prepared = True
+            prepare = getattr(s.manager, "prepare", None)  # one process only
+            if prepare is not None and reason is None:
+                prepare(self.state)
         s.heartbeat.ensure_running()
         if step % self.config.log_every_steps == 0 or step == self.total or self._phase_ran:
             s.metrics.line(step, self._counters.samples)
