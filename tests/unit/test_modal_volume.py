@@ -147,3 +147,30 @@ def test_refresh_reloads_the_volume_and_names_a_failure(tmp_path):
     assert calls == ["reload"]
     with pytest.raises(StoreError, match=r"volume.reload\(\) .* open files"):
         ModalVolumeStore(tmp_path, Reloading([], fail=True)).refresh()
+
+
+def test_commits_of_one_container_take_turns(tmp_path):
+    """torchrun's workers on one node each commit after writing their shard; Modal does
+    not document concurrent commits from several processes, so they are serialized."""
+    import threading
+    import time
+
+    state = {"now": 0, "most": 0}
+    guard = threading.Lock()
+
+    class Slow:
+        def commit(self):
+            with guard:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.05)
+            with guard:
+                state["now"] -= 1
+
+    stores = [ModalVolumeStore(tmp_path / f"r{i}", Slow()) for i in range(4)]
+    threads = [threading.Thread(target=s.commit) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state["most"] == 1 and all(s.commits == 1 for s in stores)

@@ -21,6 +21,7 @@ can vanish. Two stores:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -46,6 +47,23 @@ def register_mount(path: str | os.PathLike, volume: object) -> None:
 def unregister_mount(path: str | os.PathLike) -> None:
     """Forget a mount registered with :func:`register_mount`."""
     _MOUNTS.pop(os.path.abspath(path), None)
+
+
+@contextlib.contextmanager
+def _container_wide(name: str):
+    """Hold an ``flock`` shared by every process of this container (torchrun's workers on
+    one node): Modal does not document concurrent ``commit()``s of one volume from
+    several processes, so they take turns."""
+    import fcntl
+
+    folder = Path(tempfile.gettempdir(), "trainguard-locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def store_for_path(path: str | os.PathLike) -> ModalVolumeStore | None:
@@ -82,7 +100,8 @@ class ModalVolumeStore(LocalStore):
             StoreError: the commit failed; what was written is not durable yet.
         """
         try:
-            self.volume.commit()
+            with _container_wide("volume-commit"):  # e.g. torchrun's 8 workers
+                self.volume.commit()
         except Exception as exc:
             raise StoreError(f"volume.commit() of {self.url} failed: {exc}; the last "
                              "checkpoint is not durable (the previous one still is)") from exc
