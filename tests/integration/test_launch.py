@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainguard import CheckpointManager
 from trainguard.launch import JobTable
@@ -228,3 +229,22 @@ def test_torchrun_attempt_with_one_worker_75_and_one_failed_is_a_failure(home, t
 def test_bad_torchrun_options(home):
     result = tg("run", JOB, "--nnodes", "2")
     assert result.returncode == 2 and "rdzv" in result.stderr.lower(), result.stderr
+
+
+def test_torchrun_elastic_restart_within_one_attempt_ends_bit_identical(home, tmp_path):
+    """--max-restarts: torchrun restarts the workers itself after rank 1 is SIGKILLed;
+    the new round re-forms its gloo groups (a fresh rendezvous store per round) and
+    resumes from the last commit, ending exactly where an uninterrupted run ends."""
+    script = "tests/integration/dist_scripts/ddp_train.py"
+    ref = tg("run", script, "--run-dir", tmp_path / "ref", "--nproc-per-node", 2, "--",
+             tmp_path / "ref", 12, tmp_path / "ref.pt", timeout=300)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    result = tg("run", script, "--run-dir", tmp_path / "run", "--nproc-per-node", 2,
+                "--max-restarts", 1, "--retries", 0, "--",
+                tmp_path / "run", 12, tmp_path / "out.pt", 7, tmp_path / "crashed", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "crashed").exists()  # rank 1 really died
+    job_id = result.stdout.split()[1]
+    assert [a.exit_code for a in JobTable().attempts(job_id)] == [0]  # one attempt
+    a, b = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "out.pt")
+    assert sorted(a) == sorted(b) and [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -79,11 +79,11 @@ def test_torchrun_waits_the_jobs_stop_grace_before_killing_saving_workers(monkey
     a torchrun attempt's environment carries the job's grace, and torch reads it."""
     from torch.distributed.launcher.api import LaunchConfig
 
-    from trainguard.launch.torchrun import ENV_SHUTDOWN_TIMEOUT, shutdown_env
+    from trainguard.launch.torchrun import ENV_SHUTDOWN_TIMEOUT, torchrun_env
 
-    env = shutdown_env(300.0)
-    assert env == {ENV_SHUTDOWN_TIMEOUT: "300"}
-    assert shutdown_env(5) == {ENV_SHUTDOWN_TIMEOUT: "30"}  # never below torch's default
+    env = torchrun_env(300.0)
+    assert env[ENV_SHUTDOWN_TIMEOUT] == "300"
+    assert torchrun_env(5)[ENV_SHUTDOWN_TIMEOUT] == "30"  # never below torch's default
     monkeypatch.setenv(ENV_SHUTDOWN_TIMEOUT, env[ENV_SHUTDOWN_TIMEOUT])
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2)
     assert config.shutdown_timeout == 300

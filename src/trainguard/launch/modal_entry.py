@@ -51,7 +51,7 @@ from trainguard.launch.torchrun import (
     TorchrunConfig,
     describe_workers,
     node_exit_code,
-    shutdown_env,
+    torchrun_env,
     torchrun_command,
     worker_codes,
 )
@@ -181,9 +181,9 @@ def run_torchrun(job: dict, deadline: float, cluster=None) -> tuple[int, dict[in
     command = torchrun_argv(job, cluster)
     trainguard_root = str(Path(__file__).resolve().parents[2])  # /root in the container
     with tempfile.TemporaryDirectory(prefix="trainguard-exits-") as exit_dir:
-        env = {**os.environ, **(job.get("env") or {}), "TRAINGUARD_RUN_DIR": job["run_dir"],
+        env = {**os.environ, **torchrun_env(TIMEOUT_MARGIN), **(job.get("env") or {}),
+               "TRAINGUARD_RUN_DIR": job["run_dir"],
                ENV_VOLUME: job["volume"], ENV_MOUNT: job["mount_path"], ENV_EXITS: exit_dir,
-               **shutdown_env(TIMEOUT_MARGIN),
                "PYTHONPATH": os.pathsep.join(
                    p for p in (trainguard_root, os.environ.get("PYTHONPATH")) if p)}
         log.info("running %s", " ".join(command))

@@ -40,7 +40,7 @@ from trainguard.checkpoint import CheckpointManager
 from trainguard.launch.jobs import JobTable
 from trainguard.launch.torchrun import (
     ENV_EXITS,
-    shutdown_env,
+    torchrun_env,
     describe_workers,
     node_exit_code,
     worker_codes,
@@ -153,7 +153,7 @@ class Supervisor:
                    PYTHONUNBUFFERED="1")
         if exit_dir is not None:  # a torchrun attempt
             env[ENV_EXITS] = str(exit_dir)
-            env.update(shutdown_env(self.spec.stop_grace))
+            env.update({**torchrun_env(self.spec.stop_grace), **self.spec.env})
         return env
 
     def _attempt(self, n: int) -> tuple[int | None, str, str]:

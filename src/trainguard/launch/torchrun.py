@@ -110,12 +110,18 @@ class TorchrunConfig:
 #: How long torchrun lets its workers shut down after passing on a signal before it
 #: SIGKILLs them (torch >= 2.10 reads it; its own default, 30 s, would cut a save short).
 ENV_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+#: "1": each restart round's rank 0 hosts a fresh store. torchrun otherwise reuses one
+#: store across the rounds of its elastic restarts, and the new round's workers read the
+#: dead round's gloo addresses: "connectFullMesh ... Connection refused" or a hang
+#: (pytorch/pytorch#135712; 0 of 3 restarts worked here without it, 3 of 3 with it).
+ENV_FRESH_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
-def shutdown_env(grace: float) -> dict[str, str]:
-    """The workers' environment for a graceful stop of ``grace`` seconds, so torchrun
-    does not SIGKILL a saving worker before the launcher's own grace runs out."""
-    return {ENV_SHUTDOWN_TIMEOUT: str(max(30, int(grace)))}
+def torchrun_env(grace: float) -> dict[str, str]:
+    """Environment of a torchrun attempt: a graceful stop of ``grace`` seconds (torchrun
+    does not SIGKILL a saving worker before the launcher's own grace runs out), and
+    elastic restarts that re-form their process groups."""
+    return {ENV_SHUTDOWN_TIMEOUT: str(max(30, int(grace))), ENV_FRESH_STORE: "1"}
 
 
 def torchrun_command(python: str, script: str, args: tuple[str, ...] | list[str],
