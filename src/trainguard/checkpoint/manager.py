@@ -49,12 +49,11 @@ from trainguard.checkpoint.format import (
 )
 from trainguard.checkpoint.mirror import Mirror
 from trainguard.checkpoint.retention import RetentionPolicy
-from trainguard.checkpoint.saving import FinalPieces, SaveHandle, SaveJob
+from trainguard.checkpoint.saving import FailedSaves, FinalPieces, SaveHandle, SaveJob
 from trainguard.checkpoint.snapshot import ChangeTracker, HostArena, Location
 from trainguard.checkpoint.tree import flatten_with_fresh, restore_into
 from trainguard.errors import (
     CheckpointCorrupt,
-    CheckpointError,
     CheckpointExists,
     CheckpointNotFound,
     StateMismatch,
@@ -185,8 +184,7 @@ class CheckpointManager:
         self._lock = None
         self._arena = HostArena()
         self._tracker = ChangeTracker()
-        self._job: SaveJob | None = None
-        self._failed = None  # the SaveJob of a failed background save, not yet raised
+        self._saves = FailedSaves()  # the save in flight; a failure not raised yet
         self._ref_entries: dict[tuple[int, str], FileEntry] = {}  # files a next save may reuse
         self.mirror_timeout = mirror_timeout
         self.remote: CheckpointManager | None = None
@@ -210,20 +208,20 @@ class CheckpointManager:
             self._lock = make_lock(LOCK_NAME)
         self._lock.acquire()
 
+    @property
+    def _job(self) -> SaveJob | None:
+        return self._saves.inflight
+
+    @_job.setter
+    def _job(self, job: SaveJob | None) -> None:
+        self._saves.inflight = job
+
     def _drain(self) -> None:
         """Wait for the in-flight save; keep its error for the next raising call."""
-        job, self._job = self._job, None
-        if job is not None:
-            job.join()
-            if job.error is not None and not job.error_reported:
-                self._failed = job  # raised by the next raising call, unless its handle is
+        self._saves.drain()
 
     def _raise_pending(self) -> None:
-        self._drain()
-        job, self._failed = self._failed, None
-        if job is not None and not job.error_reported:  # handle.wait() may have raised it
-            job.error_reported = True
-            raise CheckpointError(f"a background save failed: {job.error!r}") from job.error
+        self._saves.raise_pending(lambda job: f"a background save failed: {job.error!r}")
 
     def wait(self) -> None:
         """Block until the in-flight save (if any) has committed.

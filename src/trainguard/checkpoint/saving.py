@@ -89,6 +89,39 @@ class SaveJob(threading.Thread):
                       "checkpoint is still the latest valid one)", self.step, exc)
 
 
+class FailedSaves:
+    """The in-flight save of a manager, and its failure until raised exactly once: by
+    the save's own handle (``wait()``) or else by the manager's next raising call.
+
+    ``save`` is anything with ``join()``, ``error`` and ``error_reported`` (a
+    :class:`SaveJob`, a sharded save).
+    """
+
+    def __init__(self) -> None:
+        self.inflight = None
+        self._failed = None
+
+    def drain(self) -> None:
+        """Wait for the in-flight save; keep it if it failed."""
+        save, self.inflight = self.inflight, None
+        if save is not None:
+            save.join()
+            if save.error is not None and not save.error_reported:
+                self._failed = save
+
+    def raise_pending(self, describe: Callable[[object], str]) -> None:
+        """Drain, then raise a kept failure unless its handle already did.
+
+        Raises:
+            CheckpointError: ``describe(save)``, chained to the save's error.
+        """
+        self.drain()
+        save, self._failed = self._failed, None
+        if save is not None and not save.error_reported:
+            save.error_reported = True
+            raise CheckpointError(describe(save)) from save.error
+
+
 class SaveHandle:
     """The result of :meth:`CheckpointManager.save`.
 

@@ -41,14 +41,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from trainguard.checkpoint import CheckpointInfo, CheckpointManager, SaveHandle
 from trainguard.checkpoint.distributed import is_sharded, restore_state_sharded
+from trainguard.checkpoint.saving import FailedSaves
 from trainguard.checkpoint.sharded_saving import (
     HostStager,
-    ShardedSave,
     describe_failure,
     start_save_state_sharded,
 )
 from trainguard.checkpoint.tree import flatten
-from trainguard.errors import CheckpointCorrupt, CheckpointError, CheckpointNotFound, StateMismatch
+from trainguard.errors import CheckpointCorrupt, CheckpointNotFound, StateMismatch
 
 log = logging.getLogger("trainguard.run")
 
@@ -140,8 +140,7 @@ class DistributedManager:
         # Every rank creates it at the same point (opening the Run): a collective.
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
         self._stager = HostStager()
-        self._inflight: ShardedSave | None = None
-        self._failed = None  # a failed ShardedSave, not raised yet
+        self._saves = FailedSaves()  # the sharded save in flight; a failure not raised yet
 
     @property
     def store(self):
@@ -164,20 +163,12 @@ class DistributedManager:
         Its collectives on ``self.group`` end with it: call this before any other use of
         the group from this thread.
         """
-        save, self._inflight = self._inflight, None
-        if save is not None:
-            save.join()
-            if save.error is not None and not save.error_reported:
-                self._failed = save  # raised by the next raising call, unless its handle is
+        self._saves.drain()
 
     def _raise_pending(self) -> None:
-        self._drain()
-        save, self._failed = self._failed, None
-        if save is not None and not save.error_reported:  # handle.wait() may have raised it
-            save.error_reported = True
-            raise CheckpointError(f"sharded save of step {save.step} failed in the background: "
-                                  f"{describe_failure(save.error)}; nothing of it is committed") \
-                from save.error
+        self._saves.raise_pending(
+            lambda save: f"sharded save of step {save.step} failed in the background: "
+                         f"{describe_failure(save.error)}; nothing of it is committed")
 
     def wait(self) -> None:
         """Wait for the in-flight save (sharded: this rank's; replicated: rank 0's).
@@ -257,7 +248,7 @@ class DistributedManager:
                                           metrics=metrics, tags=tags, reason=reason,
                                           process_group=self.group,
                                           on_commit=self._after_commit)
-        self._inflight = handle
+        self._saves.inflight = handle
         if blocking:
             handle.wait()
         return handle
