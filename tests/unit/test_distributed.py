@@ -270,3 +270,20 @@ def test_retention_after_a_sharded_commit_sees_the_other_nodes_files(tmp_path, w
     assert mgr.restore(target) == 3  # refreshed first: step 3 is seen whole
     assert torch.equal(target["w"].full_tensor(), torch.full((4, 3), 3.0))
     mgr.close()
+
+
+def test_restoring_a_given_step_falls_back_to_the_mirrors_copy(tmp_path, world_of_one):
+    """restore(step=N) with a corrupt primary copy of N reads the mirror's copy of N."""
+    mgr = DistributedManager(CheckpointManager(tmp_path / "run", mirror=str(tmp_path / "mirror")))
+    mgr.save(1, world_of_one(1)).wait()
+    mgr.close()  # the upload finishes
+    assert (tmp_path / "mirror/checkpoints/step-000000001/manifest.json").exists()
+    shard = tmp_path / "run/checkpoints/step-000000001/rank00000.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    again = DistributedManager(CheckpointManager(tmp_path / "run", mirror=str(tmp_path / "mirror")))
+    target = world_of_one(0)
+    assert again.restore(target, step=1) == 1
+    assert torch.equal(target["w"].full_tensor(), torch.full((4, 3), 1.0))
+    again.close()

@@ -317,6 +317,7 @@ class DistributedManager:
             if step is not None and not candidates:
                 candidates = [(step, "primary")]  # not found below, on every rank alike
         candidates = self._broadcast(candidates)
+        failure: BaseException | None = None
         for candidate, tier in candidates:
             manager = self.inner.remote if tier == "mirror" else self.inner
             info = next((i for i in manager.list() if i.step == candidate), None)
@@ -329,13 +330,14 @@ class DistributedManager:
                 restored = restore_state_sharded(manager.store, state, candidate,
                                                  info.manifest, process_group=self.group)
             except (Exception, CheckpointException) as exc:  # raised on every rank alike
-                if step is not None:
-                    raise
-                log.warning("skipping sharded checkpoint step %d: %s", candidate,
-                            describe_failure(exc))
+                failure = exc  # with step=N, the next candidate is the mirror's copy of N
+                log.warning("skipping sharded checkpoint step %d (%s copy): %s", candidate,
+                            tier, describe_failure(exc))
                 continue
             log.info("restored sharded step %d from %s", restored, manager.store.url)
             return restored
+        if step is not None and failure is not None:
+            raise failure
         raise CheckpointNotFound(f"no valid checkpoint to restore in {self.store.url}")
 
     def _broadcast(self, value: Any) -> Any:
