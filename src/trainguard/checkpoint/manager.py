@@ -208,14 +208,6 @@ class CheckpointManager:
             self._lock = make_lock(LOCK_NAME)
         self._lock.acquire()
 
-    @property
-    def _job(self) -> SaveJob | None:
-        return self._saves.inflight
-
-    @_job.setter
-    def _job(self, job: SaveJob | None) -> None:
-        self._saves.inflight = job
-
     def _drain(self) -> None:
         """Wait for the in-flight save; keep its error for the next raising call."""
         self._saves.drain()
@@ -325,9 +317,10 @@ class CheckpointManager:
         key = step_dir(step)
         metrics = _clean_metrics(metrics)
         tags = {str(k): str(v) for k, v in (tags or {}).items()}
-        if self._job is not None and self._job.is_alive() and self.if_busy == "skip":
+        running = self._saves.inflight
+        if running is not None and running.is_alive() and self.if_busy == "skip":
             log.info("skipping save of step %d: step %d is still being written",
-                     step, self._job.step)
+                     step, running.step)
             return SaveHandle(step)
         self._raise_pending()
         self.acquire_writer()
@@ -366,7 +359,7 @@ class CheckpointManager:
         def on_commit(manifest: Manifest) -> None:
             self._after_commit(job, manifest, observed, locations)
 
-        self._job = job
+        self._saves.inflight = job
         job.finish(FinalPieces(state_json, make_manifest, on_commit))
         handle = SaveHandle(step, job, lambda m: CheckpointInfo(step, key, m),
                             stall_seconds=time.monotonic() - started)
