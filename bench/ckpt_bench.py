@@ -78,7 +78,6 @@ def build_state(args: argparse.Namespace, seed: int) -> BenchState:
     model = nn.Sequential(*[nn.Linear(args.d, args.d, device=device)
                             for _ in range(n_layers(args))])
     tree: dict = {"model": model}
-    flat = {f"model.{k}": v for k, v in model.state_dict().items()}
     if args.adamw:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for p in model.parameters():  # one step with random grads fills both moments
@@ -87,10 +86,7 @@ def build_state(args: argparse.Namespace, seed: int) -> BenchState:
         for p in model.parameters():
             p.grad = None
         tree["optim"] = opt
-        for i, p in enumerate(model.parameters()):
-            flat.update({f"optim.{i}.{k}": v for k, v in opt.state[p].items()
-                         if isinstance(v, torch.Tensor)})
-    return BenchState(flat, tree)
+    return BenchState(live_flat(BenchState({}, tree)), tree)
 
 
 def state_bytes(state: BenchState) -> int:
