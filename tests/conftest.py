@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# The suite never reads the developer's own Modal profile (modal reads it when first
+# imported): credentials come from each test's environment, as in CI.
+os.environ.setdefault("MODAL_CONFIG_PATH", os.path.join(tempfile.gettempdir(),
+                                                        "trainguard-tests-no-modal.toml"))
 import torch
 
 

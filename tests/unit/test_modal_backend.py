@@ -101,6 +101,44 @@ def test_dry_run_prints_the_plan_without_contacting_modal(project, monkeypatch):
     assert "/root/mypkg/data/loader.py" in plan["files"].values()
 
 
+def test_env_values_and_secrets_never_show_in_the_plan_nor_the_job(project, monkeypatch):
+    monkeypatch.chdir(project)
+    (project / "vocab.txt").write_text("a\nb\n")
+    args = ["run", "train.py", "--backend", "modal", "--volume", "runs", "--dry-run",
+            "--env", "WANDB_API_KEY=sekrit-123", "--secret", "hf-token", "--add-local",
+            "vocab.txt", "--add-local", "helpers:assets/helpers"]
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0, text.output
+    assert "sekrit-123" not in text.output and "WANDB_API_KEY=***" in text.output
+    assert "secrets   hf-token" in text.output and "single_use_containers" in text.output
+    plan = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)
+    assert "sekrit-123" not in json.dumps(plan)
+    assert plan["env"] == {"WANDB_API_KEY": "***"} and plan["job"]["env"] == {}
+    assert plan["files"][str(project / "vocab.txt")] == "/root/vocab.txt"
+    assert plan["files"][str(project / "helpers" / "tools.py")] == "/root/assets/helpers/tools.py"
+    bad = CliRunner().invoke(cli, [*args[:6], "--add-local", "nothere.csv"])
+    assert bad.exit_code == 2 and "nothere.csv" in bad.output and "does not exist" in bad.output
+
+
+def test_a_refused_launch_is_one_line_and_the_job_is_recorded_failed(project, tmp_path,
+                                                                      monkeypatch):
+    from trainguard.cli import modal_cli
+
+    class Refusing:
+        def start(self, app, function, job, *, detach, started):
+            raise ConnectionRefusedError("cannot reach api.modal.com")
+
+    monkeypatch.setattr(modal_cli, "_CLIENT_FACTORY", Refusing)
+    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(project)
+    out = CliRunner().invoke(cli, ["run", "train.py", "--backend", "modal", "--volume", "runs",
+                                   "--detach", "--no-preflight"])
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert "modal launch failed: ConnectionRefusedError: cannot reach" in out.output
+    (job,) = JobTable().all()
+    assert job["status"] == "failed" and "cannot reach" in job["message"]
+
+
 @pytest.mark.parametrize("args, limit", [
     (["--timeout", "25h"], "10s to 24h"), (["--timeout", "5s"], "10s to 24h"),
     (["--retries", "11"], "0 to 10 retries"), (["--retry-delay", "90"], "0 to 60 s"),
@@ -130,9 +168,14 @@ def test_validators_accept_modal_forms():
 class FakeVolume:
     def __init__(self) -> None:
         self.commits = 0
+        self.events: list[str] = []
 
     def commit(self) -> None:
         self.commits += 1
+        self.events.append("commit")
+
+    def reload(self) -> None:
+        self.events.append("reload")
 
 
 def _job(tmp_path, body: str) -> dict:
@@ -157,6 +200,36 @@ def test_remote_entry_maps_exit_codes_and_always_commits(tmp_path):
     assert volume.commits == 4  # committed on every way out, errors included
 
 
+_CANCELLED_LOOP = """
+import os, signal, torch
+from trainguard import Run
+model = torch.nn.Linear(2, 1)
+with Run(save_every_steps=1000, tensorboard=False) as run:
+    run.track(model=model)
+    for step in run.steps(50):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # FunctionCall.cancel(), as Modal sends it
+        print("STEP", step, flush=True)
+"""
+
+
+def test_a_cancellation_is_a_graceful_stop_and_ends_the_input_as_cancelled(tmp_path, capsys):
+    """Modal delivers cancel() as SIGUSR1, which its runtime turns into InputCancellation
+    raised mid-step; the entry saves and commits first, then ends the input cancelled."""
+    from modal.exception import InputCancellation
+
+    from trainguard import CheckpointManager
+
+    volume = FakeVolume()
+    job = _job(tmp_path, _CANCELLED_LOOP)
+    with pytest.raises(InputCancellation, match="committed first"):
+        run_job(job, volume=volume)
+    assert "STEP 3" in capsys.readouterr().out
+    assert [c.step for c in CheckpointManager(job["run_dir"]).list()] == [3]
+    assert volume.events[0] == "reload"  # a retry's stale view is refreshed before resuming
+    assert volume.events[-1] == "commit"
+
+
 def test_remote_entry_gives_the_script_a_volume_store(tmp_path, capsys):
     job = _job(tmp_path, "import os\nfrom trainguard.store import open_store\n"
                          "print(type(open_store(os.environ['TRAINGUARD_RUN_DIR'])).__name__)\n")
@@ -171,20 +244,25 @@ class FakeClient:
         self.calls: list = []
         self.state = ("running", "")
 
-    def start(self, app, function, job, *, detach):
+    def start(self, app, function, job, *, detach, started):
         self.calls.append(("start", app.name, detach, job["run_dir"]))
+        started("ap-123", "fc-456")
         return "ap-123", "fc-456"
 
     def poll(self, call_id):
         self.calls.append(("poll", call_id))
         return self.state
 
-    def logs(self, app_id):
-        self.calls.append(("logs", app_id))
-        print(f"logs of {app_id}")
+    def logs(self, call_id, *, follow, tail):
+        self.calls.append(("logs", call_id, follow))
+        yield f"logs of {call_id}\n"
 
-    def cancel(self, call_id):
+    def cancel(self, call_id, *, terminate=False):
         self.calls.append(("cancel", call_id))
+        self.state = ("failed", "RemoteError: cancelled")
+
+    def stop_app(self, app_id):
+        self.calls.append(("stop_app", app_id))
 
 
 def test_detached_modal_jobs_are_tracked_through_the_seam(project, tmp_path, monkeypatch):
@@ -208,14 +286,11 @@ def test_detached_modal_jobs_are_tracked_through_the_seam(project, tmp_path, mon
     assert table.get(job_id)["backend"] == "modal"
     ps = runner.invoke(cli, ["ps", "--json"])
     assert json.loads(ps.output)[0]["status"] == "running" and ("poll", "fc-456") in fake.calls
-    fake.state = ("failed", "JobFailed: exited with code 1")
-    status = runner.invoke(cli, ["status", job_id, "--json"])
-    assert json.loads(status.output)["status"] == "failed"
-    assert "logs of ap-123" in runner.invoke(cli, ["logs", job_id]).output
-    table.update(job_id, status="running")
+    assert "logs of fc-456" in runner.invoke(cli, ["logs", job_id]).output
     stop = runner.invoke(cli, ["stop", job_id])
     assert stop.exit_code == 0 and ("cancel", "fc-456") in fake.calls
-    assert table.get(job_id)["status"] == "stopped"
+    assert table.get(job_id)["status"] == "stopped"  # the cancelled call's failure, read
+    assert ("stop_app", "ap-123") in fake.calls      # as the stop it was; app stopped
 
 
 def test_modal_launch_is_refused_before_start_when_preflight_fails(project, tmp_path, monkeypatch):

@@ -236,11 +236,11 @@ def test_launch_spawns_the_clustered_function_with_the_torchrun_job(project, tmp
                                                                    monkeypatch):
     from trainguard.cli import modal_cli
 
-    started = []
+    started_ = []
 
     class Client:
-        def start(self, app, function, job, *, detach):
-            started.append((function.info().cluster_info, job))
+        def start(self, app, function, job, *, detach, started=None):
+            started_.append((function.info().cluster_info, job))
             return "ap-1", "fc-1"
 
     monkeypatch.setattr(modal_cli, "_CLIENT_FACTORY", Client)
@@ -250,7 +250,7 @@ def test_launch_spawns_the_clustered_function_with_the_torchrun_job(project, tmp
                                    "--gpu", "H100:8", "--nnodes", "2", "--no-preflight",
                                    "--detach"])
     assert out.exit_code == 0, out.output
-    (cluster, job), = started
+    (cluster, job), = started_
     assert cluster.size == 2 and job["torchrun"]["nnodes"] == 2
 
 

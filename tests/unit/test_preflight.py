@@ -13,7 +13,6 @@ from trainguard.preflight import (
     PreflightTarget,
     check_disk,
     check_gpu,
-    check_modal_credentials,
     check_store,
     check_versions,
     import_closure,
@@ -46,28 +45,120 @@ def test_relative_and_optional_imports_resolve(tmp_path):
 
 
 def test_a_third_party_module_absent_from_the_modal_image_is_caught():
-    target = PreflightTarget("modal", packages=("torch==2.2.2",), env={"MODAL_TOKEN_ID": "a",
-                                                                      "MODAL_TOKEN_SECRET": "b"})
+    target = PreflightTarget("modal", packages=("torch==2.2.2",))
     results = {r.name: r for r in run_preflight(FIXTURE / "train.py", target)}
     assert not results["imports"].ok and "numpy" in results["imports"].detail
     assert "train.py:6" in results["imports"].detail
-    ok = PreflightTarget("modal", packages=("numpy==1.26.4",), env=target.env)
+    ok = PreflightTarget("modal", packages=("numpy==1.26.4",))
     assert {r.name: r.ok for r in run_preflight(FIXTURE / "train.py", ok)}["imports"]
 
 
-def test_missing_credentials_are_reported_without_network(tmp_path):
-    result = check_modal_credentials(env={}, home=tmp_path)
-    assert not result.ok
-    assert "modal token new" in result.fix and "MODAL_TOKEN_ID" in result.fix
-    half = check_modal_credentials(env={"MODAL_TOKEN_ID": "ak-1"}, home=tmp_path)
-    assert not half.ok and "only MODAL_TOKEN_ID" in half.detail
-    assert check_modal_credentials(env={"MODAL_TOKEN_ID": "a", "MODAL_TOKEN_SECRET": "b"},
-                                   home=tmp_path).ok
-    (tmp_path / ".modal.toml").write_text('[me]\ntoken_id = "ak-1"\ntoken_secret = "as-1"\n'
-                                          'active = true\n')
-    assert check_modal_credentials(env={}, home=tmp_path).ok
-    (tmp_path / ".modal.toml").write_text('[me]\nactive = true\n')
-    assert not check_modal_credentials(env={}, home=tmp_path).ok
+def test_the_documented_modal_preflight_passes_the_runtime_the_image_installs(monkeypatch):
+    """`trainguard preflight examples/modal_train.py --backend modal` exited 6 with
+    "torch, trainguard not installed" although the image installs torch and ships
+    trainguard."""
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-1")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-1")
+    example = Path(__file__).parents[2] / "examples" / "modal_train.py"
+    out = CliRunner().invoke(cli, ["preflight", str(example), "--backend", "modal"])
+    assert out.exit_code == 0, out.output
+    assert "✓ imports" in out.output
+
+
+def test_fixes_name_what_pip_installs_and_src_layout_packages_are_local(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-1")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-1")
+    (tmp_path / "src" / "mypkg").mkdir(parents=True)
+    (tmp_path / "src" / "mypkg" / "__init__.py").write_text("VALUE = 1\n")
+    (tmp_path / "train.py").write_text("import sklearn\nimport yaml\nimport mypkg\n")
+    out = CliRunner().invoke(cli, ["preflight", str(tmp_path / "train.py"), "--backend",
+                                   "modal"])
+    assert out.exit_code == 6
+    assert "--pip scikit-learn --pip pyyaml" in out.output  # not --pip sklearn
+    assert "mypkg" not in out.output.split("fix:")[0].split("imports:")[1]
+    closure = import_closure(tmp_path / "train.py")
+    assert closure.local == {"mypkg": str(tmp_path / "src" / "mypkg")}
+
+
+def test_files_the_script_opens_but_the_launch_does_not_ship_are_warned_about(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-1")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "labels.csv").write_text("a,b\n")
+    (tmp_path / "tok.json").write_text("{}")
+    (tmp_path / "train.py").write_text(
+        "import argparse, json\nparser = argparse.ArgumentParser()\n"
+        "parser.add_argument('--tok', default='tok.json')\n"
+        "rows = open('data/labels.csv').read()\nprint('not/a/file')\n")
+    out = CliRunner().invoke(cli, ["preflight", "train.py", "--backend", "modal"])
+    assert out.exit_code == 0, out.output  # a warning, not a failure
+    warning = next(line for line in out.output.splitlines() if line.startswith("! "))
+    assert "data/labels.csv" in warning and "train.py:4" in warning and "tok.json" in warning
+    assert "--add-local tok.json --add-local data/labels.csv" in out.output  # file order
+    shipped = CliRunner().invoke(cli, ["preflight", "train.py", "--backend", "modal",
+                                       "--add-local", "data", "--add-local", "tok.json"])
+    assert shipped.exit_code == 0 and "! " not in shipped.output, shipped.output
+
+
+_CREDENTIALS = [
+    ({}, "", False, "no token"),
+    ({"MODAL_TOKEN_ID": "ak-1"}, "", False, "only token_id"),
+    ({"MODAL_TOKEN_ID": "ak-1", "MODAL_TOKEN_SECRET": "as-1"}, "", True, "MODAL_TOKEN_ID"),
+    ({}, '[me]\ntoken_id = "ak-1"\ntoken_secret = "as-1"\nactive = true\n', True, "'me'"),
+    # the id in the environment, the secret in the active profile: the client combines them
+    ({"MODAL_TOKEN_ID": "ak-2"}, '[me]\ntoken_secret = "as-1"\nactive = true\n', True,
+     "'me'"),
+    ({}, '[a]\ntoken_id = "x"\ntoken_secret = "y"\n[b]\ntoken_id = "x"\n'
+         'token_secret = "y"\n', False, "No Modal profile is active"),
+    ({"MODAL_PROFILE": "b"}, '[a]\ntoken_id = "x"\ntoken_secret = "y"\n[b]\n'
+                             'token_id = "x"\ntoken_secret = "y"\n', True, "'b'"),
+    ({"MODAL_PROFILE": "c"}, '[a]\ntoken_id = "x"\ntoken_secret = "y"\n', False, "'c'"),
+    ({"MODAL_OAUTH_REFRESH_TOKEN": "r", "MODAL_OAUTH_CLIENT_ID": "oc-1",
+      "MODAL_OAUTH_CLIENT_SECRET": "ov-1"}, "", True, "OAuth"),
+    ({"MODAL_OAUTH_REFRESH_TOKEN": "r"}, "", False, "incomplete"),
+]
+
+
+_RESOLVE = """
+import importlib, json, os, sys
+import modal.config
+from trainguard.preflight import check_modal_credentials
+out = []
+for env, config in json.loads(sys.stdin.read()):
+    for key in [k for k in os.environ if k.startswith("MODAL_")]:
+        del os.environ[key]
+    os.environ.update(env, MODAL_CONFIG_PATH=config)
+    importlib.reload(modal.config)  # the client reads its file and profile at import
+    r = check_modal_credentials()
+    out.append([r.ok, r.detail, r.fix])
+print(json.dumps(out))
+"""
+
+
+def test_credentials_resolve_as_the_installed_client_resolves_them(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cases = []
+    for n, (env, toml, _ok, _needle) in enumerate(_CREDENTIALS):
+        config = tmp_path / f"modal-{n}.toml"
+        if toml:
+            config.write_text(toml)
+        cases.append([env, str(config)])
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_")}
+    run = subprocess.run([sys.executable, "-c", _RESOLVE], input=json.dumps(cases),
+                         capture_output=True, text=True, env={**clean, "HOME": str(tmp_path)},
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for (env, _toml, ok, needle), (got_ok, detail, fix) in zip(_CREDENTIALS, results):
+        assert (got_ok, needle in detail) == (ok, True), (env, detail)
+        if not ok:
+            assert "modal token new" in fix or "unset" in fix
 
 
 def test_unmet_version_pins_fail_here_and_in_the_image():

@@ -94,6 +94,12 @@ def _env_pairs(pairs: tuple[str, ...]) -> dict:
               help="Modal: a package for the image, e.g. 'torch==2.2.2' (repeatable).")
 @click.option("--root", default="", help="Project root for finding local modules "
               "(default: the script's directory).")
+@click.option("--add-local", "add_local", multiple=True, metavar="PATH[:REMOTE]",
+              help="Modal: a file or directory the script reads, shipped to /root/PATH (or "
+              "REMOTE) in the container (repeatable).")
+@click.option("--secret", "secrets", multiple=True, metavar="NAME",
+              help="Modal: a modal.Secret whose keys become environment variables "
+              "(repeatable).")
 @click.option("--require", "requires", multiple=True, metavar="SPEC",
               help="Preflight: a version requirement, e.g. 'numpy<2' (repeatable).")
 @click.option("--no-preflight", is_flag=True, help="Skip the checks run before launching.")
@@ -115,8 +121,8 @@ def _env_pairs(pairs: tuple[str, ...]) -> dict:
 def run_command(ctx, script, script_args, run_dir, name, detach, retries, retry_delay, backoff,
                 max_delay, timeout, hang_timeout, stop_grace, gpu_hourly_usd, budget_usd,
                 env_pairs, backend, gpu, volume, cpu, memory, requirements_file, packages,
-                root, requires, no_preflight, dry_run, as_json, nproc_per_node, nnodes,
-                rdzv_endpoint, max_restarts, rdma) -> None:
+                root, add_local, secrets, requires, no_preflight, dry_run, as_json,
+                nproc_per_node, nnodes, rdzv_endpoint, max_restarts, rdma) -> None:
     """Run SCRIPT under a supervisor: retries, timeouts, hang detection, always resume.
 
     Arguments after `--` go to the script:
@@ -129,7 +135,8 @@ def run_command(ctx, script, script_args, run_dir, name, detach, retries, retry_
         options = modal_cli.modal_options(volume=volume, gpu=gpu, cpu=cpu, memory=memory,
                                           packages=packages, requirements_file=requirements_file,
                                           root=root, nnodes=nnodes, rdma=rdma,
-                                          rdzv_endpoint=rdzv_endpoint)
+                                          rdzv_endpoint=rdzv_endpoint, add_local=add_local,
+                                          secrets=secrets)
         torchrun = modal_cli.modal_torchrun(options, nproc_per_node, max_restarts)
     elif nproc_per_node is not None or nnodes != "1" or rdzv_endpoint:
         torchrun = {"nproc_per_node": nproc_per_node or 1, "nnodes": nnodes,
@@ -150,8 +157,9 @@ def run_command(ctx, script, script_args, run_dir, name, detach, retries, retry_
         modal_cli.run_modal(spec, options, detach=detach, dry_run=dry_run, as_json=as_json,
                             requires=requires, preflight=not no_preflight)
         return
-    if dry_run or gpu or volume or rdma:
-        raise click.UsageError("--dry-run, --gpu, --volume and --rdma need --backend modal")
+    if dry_run or gpu or volume or rdma or add_local or secrets:
+        raise click.UsageError("--dry-run, --gpu, --volume, --rdma, --add-local and --secret "
+                               "need --backend modal")
     if not no_preflight:
         _local_preflight(spec, root, requires)
     if detach:
@@ -312,7 +320,7 @@ def logs_command(job: str, follow: bool, attempt: int | None) -> None:
     if table.get(job_id)["backend"] == "modal":
         from trainguard.cli import modal_cli
 
-        modal_cli.logs(table, job_id)
+        modal_cli.logs(table, job_id, follow=follow)
         return
     n = attempt or table.get(job_id)["attempt"] or 1
     path = table.job_dir(job_id) / f"attempt-{n}.log"
@@ -356,7 +364,8 @@ def stop_command(job: str, now: bool, wait: bool) -> None:
     if current["backend"] == "modal":
         from trainguard.cli import modal_cli
 
-        modal_cli.stop(table, job_id)
+        modal_cli.stop(table, job_id, wait=wait, now=now,
+                       timeout=current["spec"].stop_grace + 300)
         return
     if _status(current) == "lost":  # no supervisor to ask: stop the attempt ourselves
         _stop_orphan(table, current, now)

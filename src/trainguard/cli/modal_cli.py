@@ -10,8 +10,9 @@ import json
 
 import click
 
+from trainguard.errors import TrainguardError
 from trainguard.launch import JobSpec, JobTable
-from trainguard.preflight import PreflightTarget, run_preflight
+from trainguard.preflight import run_preflight
 
 #: The seam factory; tests monkeypatch it with a fake client.
 _CLIENT_FACTORY = None
@@ -27,7 +28,7 @@ def client():
 
 
 def modal_options(*, volume, gpu, cpu, memory, packages, requirements_file, root,
-                  nnodes="1", rdma=False, rdzv_endpoint=None):
+                  nnodes="1", rdma=False, rdzv_endpoint=None, add_local=(), secrets=()):
     """Build ``ModalOptions`` from CLI values; option errors become click errors."""
     from trainguard.launch.modal_backend import ModalConfigError, ModalOptions
 
@@ -43,7 +44,8 @@ def modal_options(*, volume, gpu, cpu, memory, packages, requirements_file, root
     try:
         return ModalOptions(volume=volume, gpu=gpu, cpu=cpu, memory=memory,
                             packages=tuple(packages), requirements_file=requirements_file,
-                            root=root, nnodes=int(nnodes), rdma=rdma)
+                            root=root, nnodes=int(nnodes), rdma=rdma,
+                            add_local=tuple(add_local), secrets=tuple(secrets))
     except ModalConfigError as exc:
         raise click.UsageError(str(exc)) from exc
 
@@ -73,7 +75,12 @@ def run_modal(spec: JobSpec, options, *, detach: bool, dry_run: bool, as_json: b
         click.echo(json.dumps(plan.to_dict(), indent=1) if as_json else describe(plan))
         return
     if preflight:
-        target = PreflightTarget("modal", packages=tuple(plan.packages))
+        from dataclasses import replace
+
+        from trainguard.launch.modal_backend import preflight_target
+
+        target = replace(preflight_target(options.packages, options.python_version),
+                         files=tuple(plan.files.values()))
         try:
             results = run_preflight(spec.script, target, root=options.root or None,
                                     requires=requires, closure=plan.closure)
@@ -93,6 +100,11 @@ def run_modal(spec: JobSpec, options, *, detach: bool, dry_run: bool, as_json: b
         raise click.exceptions.Exit(1)
 
 
+def _modal_error(exc: Exception) -> bool:
+    return type(exc).__module__.startswith(("modal", "grpclib")) or isinstance(
+        exc, (ConnectionError, OSError, TimeoutError))
+
+
 def refresh(table: JobTable, job: dict) -> dict:
     """The job row, with a Modal job's status refreshed from Modal (best effort)."""
     if job.get("backend") != "modal" or job["status"] in ("succeeded", "failed", "stopped"):
@@ -102,6 +114,8 @@ def refresh(table: JobTable, job: dict) -> dict:
     try:
         refresh_call(table, job["id"], client())
     except Exception as exc:  # Modal unreachable: show the recorded state, say why
+        if not _modal_error(exc):
+            raise
         click.echo(f"trainguard: warning: cannot reach Modal for job {job['id']}: {exc}",
                    err=True)
         return job
@@ -109,19 +123,38 @@ def refresh(table: JobTable, job: dict) -> dict:
     return row | {"spec": job["spec"]}
 
 
-def logs(table: JobTable, job_id: str) -> None:
-    """Print a Modal job's logs (``modal app logs APP_ID``)."""
+def logs(table: JobTable, job_id: str, follow: bool = False, tail: int = 1000) -> None:
+    """Print a Modal job's output (``FunctionCall.logs``); ``follow``: until it ends."""
     from trainguard.launch.modal_jobs import modal_call
 
     call = modal_call(table, job_id)
     if call is None:
-        raise click.UsageError(f"job {job_id} has no recorded Modal app")
-    client().logs(call["app_id"])
+        raise click.UsageError(f"job {job_id} has no recorded Modal call (its launch failed: "
+                               f"`trainguard status {job_id}` says why)")
+    try:
+        for text in client().logs(call["call_id"], follow=follow, tail=tail):
+            click.echo(text, nl=False)
+    except Exception as exc:
+        if not _modal_error(exc):
+            raise
+        raise TrainguardError(f"cannot read the logs of job {job_id} from Modal: {exc}") from exc
+    if follow:
+        refresh(table, table.get(job_id))
+        click.echo(f"--- job {job_id} {table.get(job_id)['status']}", err=True)
 
 
-def stop(table: JobTable, job_id: str) -> None:
-    """Cancel a Modal job's call; the container gets SIGINT, the Run saves and commits."""
+def stop(table: JobTable, job_id: str, wait: bool = True, timeout: float = 300.0,
+         now: bool = False) -> None:
+    """Cancel a Modal job's call: the Run saves and commits, then the app is stopped
+    (``now``: its containers are killed at once)."""
     from trainguard.launch.modal_jobs import stop as stop_call
 
-    stop_call(table, job_id, client())
-    click.echo(f"job {job_id} stopped (modal function call cancelled)")
+    if wait:
+        click.echo(f"stopping job {job_id}: " + ("killing its containers" if now else
+                                                 "the run saves and commits first"), err=True)
+    status = stop_call(table, job_id, client(), wait=wait, timeout=timeout, now=now)
+    if status == "stopping":
+        click.echo(f"stop requested for {job_id} (modal call cancelled); `trainguard status "
+                   f"{job_id}` shows when it has ended")
+        return
+    click.echo(f"job {job_id} {status}: {table.get(job_id)['message']}")

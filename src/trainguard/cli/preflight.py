@@ -65,6 +65,8 @@ def local_target(run_dir: str, gpu: int, checkpoint_bytes: int) -> PreflightTarg
               default=None, help="Modal: requirements.txt installed in the image.")
 @click.option("--pip", "packages", multiple=True, metavar="PKG",
               help="Modal: a package installed in the image (repeatable).")
+@click.option("--add-local", "add_local", multiple=True, metavar="PATH[:REMOTE]",
+              help="Modal: a file or directory shipped with the script (repeatable).")
 @click.option("--checkpoint-size", type=ByteSize(), default=0,
               help="Expected size of one checkpoint, e.g. 2G: checks free disk for 2 of them.")
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
@@ -76,8 +78,8 @@ def local_target(run_dir: str, gpu: int, checkpoint_bytes: int) -> PreflightTarg
 @click.option("--data-pattern", default="**/*", show_default=True,
               help="Glob of the dataset's files.")
 def preflight_command(script, backend, requires, root, run_dir, gpu, requirements_file,
-                      packages, checkpoint_size, data_dir, data_require, data_stats,
-                      data_pattern) -> None:
+                      packages, add_local, checkpoint_size, data_dir, data_require,
+                      data_stats, data_pattern) -> None:
     """Check that SCRIPT can start: credentials, imports, store, disk, versions, GPU."""
     import os
 
@@ -91,7 +93,15 @@ def preflight_command(script, backend, requires, root, run_dir, gpu, requirement
             validate_gpu(gpu)
         except ModalConfigError as exc:
             raise click.BadParameter(str(exc), param_hint="--gpu") from exc
-        target = PreflightTarget("modal", packages=tuple(packages))
+        from dataclasses import replace
+
+        from trainguard.launch.modal_backend import preflight_target, shipped_paths
+
+        try:
+            files = shipped_paths(script, root, add_local)
+        except ModalConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--add-local") from exc
+        target = replace(preflight_target(packages), files=files)
     else:
         stem = os.path.splitext(os.path.basename(script))[0]
         count = int(gpu) if gpu and gpu.isdigit() else (1 if gpu else 0)

@@ -3,6 +3,10 @@
 Location: ``$TRAINGUARD_HOME/jobs.db`` (default ``~/.trainguard``); each job also has a
 directory ``$TRAINGUARD_HOME/jobs/<id>/`` with one log file per attempt and the
 supervisor's own log. WAL mode lets ``trainguard ps`` read while supervisors write.
+
+The database and its WAL files are readable by their owner only (0600): a local job's
+spec holds its ``--env`` values, which its supervisor needs for every attempt. Modal
+jobs are stored with those values masked (they travel to Modal as a secret).
 """
 
 from __future__ import annotations
@@ -34,6 +38,15 @@ CREATE TABLE IF NOT EXISTS attempts (
     exit_code INTEGER, reason TEXT, PRIMARY KEY (job_id, n)
 );
 """
+
+
+def _private(path: Path) -> None:
+    """Create ``path`` as 0600 if missing, or narrow it to 0600 (an older, 0644 table)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 class JobNotFound(TrainguardError):
@@ -69,12 +82,15 @@ class JobTable:
         self.home = Path(home) if home else trainguard_home()
         self.home.mkdir(parents=True, exist_ok=True)
         self.path = self.home / "jobs.db"
+        _private(self.path)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(_SCHEMA)
+        for suffix in ("-wal", "-shm"):  # made by the first write in WAL mode
+            _private(self.path.with_name(self.path.name + suffix))
 
     def job_dir(self, job_id: str) -> Path:
         """The directory of a job's logs."""

@@ -14,6 +14,12 @@ Several processes: a ``JobSpec.torchrun`` makes the container run the script thr
 ``ModalOptions.nnodes`` > 1 makes the function a Modal cluster (``modal.clustered``)
 of that many containers, each running torchrun with its cluster rank as node rank.
 
+Each attempt runs in a fresh container (``single_use_containers=True``, or
+``max_inputs=1`` on a modal that predates it): a retry never inherits a poisoned
+process, its CUDA memory or an orphaned torchrun. ``--env`` values and ``--secret``
+names travel as ``modal.Secret`` objects, never in the function's input, and plans print
+only their names.
+
 Modal limits (checked here): per-attempt timeout 10 s..24 h; ``modal.Retries``:
 ``max_retries`` 0..10, ``initial_delay`` 0..60 s, ``backoff_coefficient`` 1..10,
 ``max_delay`` 1..60 s; GPUs ``TYPE[:N]`` with N up to 8 (A10/A10G up to 4), or a
@@ -23,6 +29,7 @@ container; a cluster takes every GPU of each node (``TYPE:8``; ``modal.clustered
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,8 +51,12 @@ GPU_TYPES = {"T4": 8, "L4": 8, "A10": 4, "A10G": 4, "L40S": 8, "A100": 8, "A100-
              "B200+": 8, "ANY": 8}
 #: Port of rank 0's static rendezvous on a Modal cluster.
 MASTER_PORT = 29500
-#: What trainguard itself needs in the image (the user's pins take precedence).
-RUNTIME_PACKAGES = ("torch", "safetensors", "numpy", "xxhash", "click")
+#: What trainguard itself needs in the image when its metadata cannot be read (the
+#: user's pins take precedence; normally :func:`runtime_requirements` reads them).
+RUNTIME_PACKAGES = ("torch>=2.4", "safetensors>=0.4", "numpy>=1.24", "xxhash>=3.4",
+                    "click>=8.1", "packaging>=23")
+#: Modules the image gets as shipped source rather than as packages.
+SHIPPED_RUNTIME = ("trainguard",)
 _IGNORE_PARTS = {"__pycache__", ".git", ".ipynb_checkpoints"}
 
 
@@ -156,6 +167,11 @@ class ModalOptions:
         nnodes: containers of a Modal cluster (``modal.clustered(size=nnodes)``); 1: no
             cluster. Each container takes every GPU of its node (``--gpu H100:8``).
         rdma: ask Modal for RDMA networking between the cluster's nodes.
+        add_local: files or directories the script reads (configs, CSVs, tokenizers), as
+            ``PATH`` or ``PATH:REMOTE``; shipped to ``/root/<PATH relative to the project
+            root>`` (or REMOTE, relative to ``/root`` unless absolute).
+        secrets: names of ``modal.Secret`` objects whose keys become environment variables
+            of the container (``modal secret create NAME KEY=VALUE``).
     """
 
     volume: str
@@ -169,6 +185,8 @@ class ModalOptions:
     app_name: str = ""
     nnodes: int = 1
     rdma: bool = False
+    add_local: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.volume or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", self.volume):
@@ -183,6 +201,13 @@ class ModalOptions:
         if self.memory is not None and not self.memory > 0:
             raise ModalConfigError(f"--memory {self.memory}: use a positive number of MiB")
         set_(self, "packages", tuple(self.packages) + read_requirements(self.requirements_file))
+        for name in self.secrets:
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name or ""):
+                raise ModalConfigError(f"--secret {name!r}: a Modal secret name has 1-64 letters,"
+                                       f" digits, '.', '-' or '_' (create one with `modal "
+                                       f"secret create NAME KEY=VALUE`)")
+        set_(self, "add_local", tuple(self.add_local))
+        set_(self, "secrets", tuple(self.secrets))
         self._check_cluster()
 
     def _check_cluster(self) -> None:
@@ -327,12 +352,19 @@ class ModalPlan:
     clustered: bool = False
     rdma: bool = False
     command: list[str] | None = None
+    single_use_containers: bool = True
+    secrets: list[str] = field(default_factory=list)
+    env_keys: list[str] = field(default_factory=list)
+    added: dict[str, str] = field(default_factory=dict)
     closure: ImportClosure | None = field(default=None, repr=False)
+    #: ``--env`` values: shipped as a ``modal.Secret``, never printed nor in ``job``.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
-        """The plan as JSON-ready data (``--dry-run --json``)."""
+        """The plan as JSON-ready data (``--dry-run --json``); ``--env`` values masked."""
         out = asdict(self)
         out.pop("closure")
+        out["env"] = {key: "***" for key in self.env}
         return out
 
 
@@ -357,12 +389,105 @@ def shipped_files(closure: ImportClosure) -> dict[str, str]:
     return dict(sorted(files.items()))
 
 
-def image_packages(options: ModalOptions) -> list[str]:
-    """The image's pip requirements: the user's, plus trainguard's own needs unpinned."""
+def runtime_requirements(python_version: str) -> tuple[str, ...]:
+    """trainguard's own requirements for an image of ``python_version``, read from its
+    installed metadata (markers evaluated, extras left out)."""
+    import importlib.metadata
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        lines = importlib.metadata.requires("trainguard") or []
+    except importlib.metadata.PackageNotFoundError:
+        return RUNTIME_PACKAGES
+    out = []
+    for line in lines:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        env = {"python_version": python_version, "extra": ""}
+        if req.marker is None or req.marker.evaluate(env):
+            out.append(f"{req.name}{req.specifier}")
+    return tuple(out) or RUNTIME_PACKAGES
+
+
+def image_packages(packages: tuple[str, ...] | list[str], python_version: str) -> list[str]:
+    """The image's pip requirements: the user's, plus trainguard's own requirements
+    (torch, safetensors, ...) for every distribution the user did not name."""
     from trainguard.preflight import parse_requirement
 
-    named = {parse_requirement(p)[0] for p in options.packages}
-    return list(options.packages) + [p for p in RUNTIME_PACKAGES if p not in named]
+    named = {parse_requirement(p)[0] for p in packages}
+    return list(packages) + [p for p in runtime_requirements(python_version)
+                             if parse_requirement(p)[0] not in named]
+
+
+def preflight_target(packages: tuple[str, ...] | list[str], python_version: str = ""):
+    """The preflight target of a Modal launch: what the image installs (the user's
+    packages and trainguard's runtime) and what it gets as shipped source (trainguard)."""
+    from trainguard.preflight import PreflightTarget
+
+    python_version = python_version or trainguard_python()
+    return PreflightTarget("modal", packages=tuple(image_packages(packages, python_version)),
+                           shipped=SHIPPED_RUNTIME)
+
+
+def _remote_of(local: Path, remote: str, root: Path) -> str:
+    if remote:
+        return remote if remote.startswith("/") else f"{REMOTE_ROOT}/{remote.strip('/')}"
+    try:
+        return f"{REMOTE_ROOT}/{local.relative_to(root).as_posix()}"
+    except ValueError:
+        return f"{REMOTE_ROOT}/{local.name}"
+
+
+def resolve_add_local(entries: tuple[str, ...], cwd: str, root: str) -> dict[str, str]:
+    """``--add-local`` entries -> {local path: container path} (directories stay whole).
+
+    Raises:
+        ModalConfigError: a path that does not exist, or a destination on the volume or
+            over trainguard's own sources.
+    """
+    out = {}
+    for entry in entries:
+        path, sep, remote = entry.partition(":")
+        local = Path(cwd, path).resolve()
+        if not path or not local.exists():
+            raise ModalConfigError(f"--add-local {entry!r}: {local} does not exist; give a file "
+                                   f"or directory the script reads, as PATH or PATH:REMOTE")
+        target = _remote_of(local, remote if sep else "", Path(root).resolve())
+        if target == MOUNT_PATH or target.startswith(MOUNT_PATH + "/") or \
+                target.startswith(f"{REMOTE_ROOT}/trainguard"):
+            raise ModalConfigError(f"--add-local {entry!r}: {target} is the volume or "
+                                   f"trainguard's own code in the container; ship it elsewhere "
+                                   f"(e.g. {path}:data/{local.name})")
+        out[str(local)] = target
+    return out
+
+
+def shipped_paths(script: str, root: str = "", add_local: tuple[str, ...] = (),
+                  cwd: str = "") -> tuple[str, ...]:
+    """Container paths a launch of ``script`` ships: the script, its local modules, and
+    ``add_local`` (what preflight's relative-path warning compares against).
+
+    Raises:
+        ModalConfigError: an ``add_local`` entry is refused (:func:`resolve_add_local`).
+    """
+    closure = import_closure(script, root or None)
+    added = resolve_add_local(tuple(add_local), cwd or os.getcwd(), root or closure.root)
+    return tuple(sorted({**shipped_files(closure), **_expand(added)}.values()))
+
+
+def _expand(added: dict[str, str]) -> dict[str, str]:
+    files = {}
+    for local, remote in added.items():
+        path = Path(local)
+        if path.is_dir():
+            for item in _sources(path):
+                files[str(item)] = f"{remote}/{item.relative_to(path).as_posix()}"
+        else:
+            files[local] = remote
+    return files
 
 
 def build_plan(spec: JobSpec, options: ModalOptions, closure: ImportClosure | None = None
@@ -380,10 +505,12 @@ def build_plan(spec: JobSpec, options: ModalOptions, closure: ImportClosure | No
     if options.nnodes > 1:
         _clustered(options.nnodes)  # an old modal fails here, before anything is built
     closure = closure or import_closure(spec.script, options.root or None)
+    added = resolve_add_local(options.add_local, spec.cwd, options.root or closure.root)
     run_dir = f"{MOUNT_PATH}/{spec.name}"
+    # The job travels in the function's input: no --env values in it (they are a Secret).
     job = {"script": f"{REMOTE_ROOT}/{Path(spec.script).name}", "args": list(spec.args),
            "run_dir": run_dir, "volume": options.volume, "mount_path": MOUNT_PATH,
-           "timeout": timeout, "env": dict(spec.env), "torchrun": None}
+           "timeout": timeout, "env": {}, "torchrun": None}
     command = None
     if spec.torchrun is not None:
         job["torchrun"] = {"nproc_per_node": spec.torchrun["nproc_per_node"],
@@ -394,8 +521,10 @@ def build_plan(spec: JobSpec, options: ModalOptions, closure: ImportClosure | No
     package_dir = Path(trainguard.__file__).parent
     return ModalPlan(
         job=job, app_name=options.app_name or f"trainguard-{spec.name}",
-        python_version=options.python_version, packages=image_packages(options),
-        files=shipped_files(closure), local_modules=dict(closure.local),
+        python_version=options.python_version,
+        packages=image_packages(options.packages, options.python_version),
+        files=dict(sorted({**shipped_files(closure), **_expand(added)}.items())),
+        local_modules=dict(closure.local),
         third_party=sorted(closure.third_party), runtime={str(package_dir):
                                                           f"{REMOTE_ROOT}/trainguard"},
         missing=[f"{s.module} ({s})" for s in closure.missing], volume=options.volume,
@@ -403,7 +532,8 @@ def build_plan(spec: JobSpec, options: ModalOptions, closure: ImportClosure | No
         gpu=options.gpu, cpu=options.cpu, memory=options.memory,
         nproc_per_node=spec.torchrun["nproc_per_node"] if spec.torchrun else None,
         nnodes=options.nnodes, clustered=options.nnodes > 1, rdma=options.rdma,
-        command=command, closure=closure)
+        command=command, secrets=list(options.secrets), env_keys=sorted(spec.env),
+        added=added, closure=closure, env=dict(spec.env))
 
 
 def _ignore(path: Path) -> bool:
@@ -429,7 +559,34 @@ def build_image(plan: ModalPlan):
             image = image.add_local_dir(path, f"{REMOTE_ROOT}/{name}", ignore=_ignore)
         else:
             image = image.add_local_file(path, f"{REMOTE_ROOT}/{Path(path).name}")
+    for local, remote in plan.added.items():
+        if Path(local).is_dir():
+            image = image.add_local_dir(local, remote, ignore=_ignore)
+        else:
+            image = image.add_local_file(local, remote)
     return image
+
+
+def single_use_option() -> dict:
+    """``single_use_containers=True``, or ``max_inputs=1`` on a modal that predates it."""
+    import inspect
+
+    import modal
+
+    params = inspect.signature(modal.App.function).parameters
+    return {"single_use_containers": True} if "single_use_containers" in params else {
+        "max_inputs": 1}
+
+
+def build_secrets(plan: ModalPlan) -> list:
+    """``modal.Secret.from_name`` of each ``--secret``, and one ``Secret.from_dict`` with
+    the ``--env`` values (so they reach the container as variables, not in the input)."""
+    import modal
+
+    secrets = [modal.Secret.from_name(name) for name in plan.secrets]
+    if plan.env:
+        secrets.append(modal.Secret.from_dict(dict(plan.env)))
+    return secrets
 
 
 def build_app(plan: ModalPlan):
@@ -452,7 +609,8 @@ def build_app(plan: ModalPlan):
     function = app.function(
         image=build_image(plan), gpu=plan.gpu, cpu=plan.cpu, memory=plan.memory,
         volumes={plan.mount_path: volume}, retries=modal.Retries(**plan.retries),
-        timeout=plan.timeout, serialized=True, name="trainguard_job")(entry)
+        timeout=plan.timeout, secrets=build_secrets(plan), serialized=True,
+        name="trainguard_job", **single_use_option())(entry)
     return app, function
 
 
@@ -467,6 +625,9 @@ def describe(plan: ModalPlan) -> str:
              f"{plan.retries['initial_delay']:g}s, x{plan.retries['backoff_coefficient']:g}, "
              f"at most {plan.retries['max_delay']:g}s); preemptions restart the input",
              f"volume    {plan.volume} mounted at {plan.mount_path}; run dir {plan.run_dir}",
+             "container fresh for each attempt (single_use_containers)",
+             f"secrets   {', '.join(plan.secrets) or '-'}; env "
+             f"{', '.join(f'{k}=***' for k in plan.env_keys) or '-'}",
              f"packages  {' '.join(plan.packages) or '-'}",
              f"files     {len(plan.files)} shipped ({', '.join(plan.local_modules) or 'no'} "
              f"local modules; nothing from site-packages):"]

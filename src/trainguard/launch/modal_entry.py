@@ -31,6 +31,22 @@ Exit codes map onto Modal's behaviour, the same in both ways:
 * anything else: :class:`JobFailed` is raised, which Modal's ``Retries`` retries.
 
 The volume is committed once more on every way out (on error too).
+
+Two more things Modal does that the entry answers:
+
+* ``FunctionCall.cancel()`` (``trainguard stop``) reaches a sync function as SIGUSR1,
+  whose handler in Modal's runtime raises ``InputCancellation`` wherever the script is
+  (``modal/_container_entrypoint.py`` ``call_function``), mid-step included. While the
+  script runs, SIGUSR1 is turned into the stop the Run already handles (SIGINT: finish
+  the step, save, commit; under torchrun, SIGTERM to the workers), and the
+  cancellation is raised once that commit is done, so the input ends as cancelled.
+* A retried input may start in a container whose view of the volume is older than the
+  last commit (another container made it): the volume is reloaded before the script
+  resumes from it.
+
+Paths: the job names container paths (``/root/train.py``, ``/trainguard/RUN``). On Modal
+they are used as they are; ``trainguard.testing.modal_local`` runs containers in a local
+directory and sets ``TRAINGUARD_CONTAINER_ROOT`` to it (:func:`container_path`).
 """
 
 from __future__ import annotations
@@ -65,6 +81,25 @@ TIMEOUT_MARGIN = 120.0
 WORKER_MODULE = "trainguard.launch.modal_entry"
 #: Environment of the torchrun workers: the volume to register (exit codes: ``ENV_EXITS``).
 ENV_VOLUME, ENV_MOUNT = "TRAINGUARD_MODAL_VOLUME", "TRAINGUARD_MODAL_MOUNT"
+#: Where the container's file system is rooted when it is not ``/`` (the local control plane).
+ENV_CONTAINER_ROOT = "TRAINGUARD_CONTAINER_ROOT"
+#: Where shipped sources live in the container (on ``sys.path``; Modal's working directory).
+REMOTE_ROOT = "/root"
+
+
+def container_path(path: str) -> str:
+    """``path`` of the container's file system: unchanged on Modal; under
+    ``$TRAINGUARD_CONTAINER_ROOT`` when the local control plane runs the container."""
+    root = os.environ.get(ENV_CONTAINER_ROOT)
+    if not root or not path.startswith("/"):
+        return path
+    return os.path.join(root, path.lstrip("/"))
+
+
+def timeout_margin(timeout: float) -> float:
+    """Seconds before Modal's timeout at which the attempt saves and stops: two minutes,
+    or a quarter of a short timeout."""
+    return min(TIMEOUT_MARGIN, timeout / 4)
 
 
 class Preempted(RuntimeError):
@@ -79,8 +114,9 @@ def run_script(script: str, args: list[str], run_dir: str, env: dict | None = No
     """Run ``script`` as ``__main__`` with ``args`` and ``TRAINGUARD_RUN_DIR``; its exit code."""
     os.environ.update(env or {})
     os.environ["TRAINGUARD_RUN_DIR"] = run_dir
-    if "/root" not in sys.path:
-        sys.path.insert(0, "/root")  # the project's root in the container
+    root = container_path(REMOTE_ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)  # the project's root in the container
     return worker.run_as_main(script, args)
 
 
@@ -153,19 +189,45 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
+class _Cancellation:
+    """Whether Modal cancelled this input (SIGUSR1) while the script ran."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+
 @contextlib.contextmanager
-def _forwarding_signals(pid: int):
-    """Pass SIGINT (Modal's preemption notice) and SIGTERM on to ``pid`` while it runs;
-    torchrun passes them on to every worker, whose Run saves and exits 75."""
+def _signals(pid: int | None, cancellation: _Cancellation):
+    """While the script runs: SIGUSR1 (Modal's cancellation) becomes a graceful stop, and
+    with a torchrun child (``pid``) SIGINT/SIGTERM are passed on to it; torchrun passes
+    them on to every worker, whose Run saves and exits 75.
+
+    Without a child the Run's own SIGINT handler does the stop: SIGUSR1 is re-raised as
+    SIGINT in this process. With one, the child gets SIGTERM.
+    """
     if threading.current_thread() is not threading.main_thread():
-        log.warning("not on the main thread: a preemption signal reaches torchrun only if "
-                    "Modal sends it to every process")
+        log.warning("not on the main thread: preemption and cancellation signals reach the "
+                    "script only through Modal's own handlers")
         yield
         return
+
     def forward(signum: int, frame: object) -> None:
         _signal(pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def cancel(signum: int, frame: object) -> None:
+        if not cancellation.received:
+            log.warning("modal cancelled this input (SIGUSR1): saving and committing, then "
+                        "stopping")
+        cancellation.received = True
+        if pid is None:
+            signal.raise_signal(signal.SIGINT)
+        else:
+            _signal(pid, signal.SIGTERM)
+
+    handlers = {signal.SIGUSR1: cancel}
+    if pid is not None:
+        handlers.update({signal.SIGINT: forward, signal.SIGTERM: forward})
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         yield
     finally:
@@ -173,8 +235,18 @@ def _forwarding_signals(pid: int):
             signal.signal(sig, handler)
 
 
-def run_torchrun(job: dict, deadline: float, cluster=None) -> tuple[int, dict[int, int]]:
-    """Run the job's torchrun command as a child; (this node's exit code, worker codes)."""
+def _end_group(pid: int) -> None:
+    """SIGKILL what is left of a child's process group (workers torchrun left behind)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def run_torchrun(job: dict, deadline: float, cluster=None,
+                 cancellation: _Cancellation | None = None) -> tuple[int, dict[int, int]]:
+    """Run the job's torchrun command as a child; (this node's exit code, worker codes).
+
+    The child has a process group of its own, which is ended when it exits (or when this
+    function is left by an exception), so no worker outlives the attempt."""
     nnodes = int(job["torchrun"].get("nnodes", 1))
     if nnodes > 1 and cluster is None:
         cluster = _cluster_info()
@@ -188,8 +260,12 @@ def run_torchrun(job: dict, deadline: float, cluster=None) -> tuple[int, dict[in
                    p for p in (trainguard_root, os.environ.get("PYTHONPATH")) if p)}
         log.info("running %s", " ".join(command))
         child = subprocess.Popen(command, env=env, start_new_session=True)
-        with _forwarding_signals(child.pid), _alarm(deadline, child.pid):
-            code = child.wait()
+        try:
+            with _signals(child.pid, cancellation or _Cancellation()), \
+                    _alarm(deadline, child.pid):
+                code = child.wait()
+        finally:
+            _end_group(child.pid)
         workers = worker_codes(exit_dir)
     return node_exit_code(code, workers, int(job["torchrun"]["nproc_per_node"])), workers
 
@@ -224,6 +300,27 @@ def _commit(volume) -> None:
         log.error("final volume.commit() failed: %r", exc)
 
 
+def _localized(job: dict) -> dict:
+    """The job with its container paths resolved (:func:`container_path`)."""
+    return {**job, "script": container_path(job["script"]),
+            "run_dir": container_path(job["run_dir"]),
+            "mount_path": container_path(job["mount_path"])}
+
+
+def _reload(volume) -> None:
+    """See the volume as last committed before resuming from it (a retry may start in a
+    container with an older view). A failed reload fails the attempt: resuming from a
+    stale view would redo committed steps over newer ones."""
+    reload = getattr(volume, "reload", None)
+    if reload is None:
+        return
+    try:
+        reload()
+    except Exception as exc:
+        raise JobFailed(f"volume.reload() failed before resuming: {exc}; the attempt would "
+                        f"resume from a stale view of the volume") from exc
+
+
 def run_job(job: dict, volume=None, cluster=None) -> dict:
     """Run one attempt of a job inside Modal (the function the Modal app registers).
 
@@ -239,33 +336,50 @@ def run_job(job: dict, volume=None, cluster=None) -> dict:
     Raises:
         Preempted: the script committed and stopped early; Modal runs the input again.
         JobFailed: the script failed; Modal's retry policy decides what happens next.
+        modal.exception.InputCancellation: the call was cancelled; the script committed
+            first.
     """
     from trainguard.store.modal_volume import register_mount, unregister_mount
 
+    shown_run_dir = job["run_dir"]
+    job = _localized(job)
     if volume is None:
         volume = _mounted_volume(job["volume"])
+    _reload(volume)
     register_mount(job["mount_path"], volume)
-    deadline = float(job.get("timeout") or 0) - TIMEOUT_MARGIN
+    timeout = float(job.get("timeout") or 0)
+    deadline = timeout - timeout_margin(timeout)
     workers: dict[int, int] = {}
+    cancellation = _Cancellation()
     try:
         if job.get("torchrun"):
-            code, workers = run_torchrun(job, deadline, cluster)
+            code, workers = run_torchrun(job, deadline, cluster, cancellation)
         else:
-            with _alarm(deadline, os.getpid()):
-                code = run_script(job["script"], list(job.get("args", ())), job["run_dir"],
-                                  job.get("env"))
+            with _signals(None, cancellation), _alarm(deadline, os.getpid()):
+                try:
+                    code = run_script(job["script"], list(job.get("args", ())),
+                                      job["run_dir"], job.get("env"))
+                except KeyboardInterrupt:
+                    if not cancellation.received:
+                        raise
+                    code = EXIT_RESUME  # cancelled before the Run was there to save
     finally:
         _commit(volume)
         unregister_mount(job["mount_path"])
     detail = ""
     if job.get("torchrun"):
         detail = f" ({describe_workers(workers, int(job['torchrun']['nproc_per_node']))})"
+    if cancellation.received:
+        from modal.exception import InputCancellation
+
+        raise InputCancellation(f"{job['script']} was cancelled; it committed first (exit code "
+                                f"{code}){detail}")
     if code == EXIT_RESUME:
         raise Preempted(f"{job['script']} committed and stopped early (exit code 75){detail}; "
                         "the input runs again and resumes")
     if code != 0:
         raise JobFailed(f"{job['script']} exited with code {code}{detail}")
-    return {"exit_code": 0, "run_dir": job["run_dir"]}
+    return {"exit_code": 0, "run_dir": shown_run_dir}
 
 
 if __name__ == "__main__":  # a torchrun worker (see WORKER_MODULE)

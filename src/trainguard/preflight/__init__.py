@@ -4,7 +4,9 @@
 prints as ``✓`` or ``✗`` with a one-line fix (``CheckResult.line``). ``require_ok`` turns
 any ``✗`` into :class:`PreflightFailed` (exit code 6). The checks:
 
-* modal installed and credentials present (Modal backend; never contacts Modal);
+* modal installed and credentials present, resolved by the client's own configuration
+  (Modal backend; never contacts Modal);
+* on Modal, relative paths the code uses that exist here but are not shipped (a warning);
 * the entrypoint's import closure is complete: a missing local module is named with the
   file and line that imports it; third-party modules are installed in the target
   environment (this machine, or the Modal image's packages);
@@ -20,7 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from trainguard.errors import TrainguardError
@@ -33,6 +35,7 @@ from trainguard.preflight.checks import (
     check_imports,
     check_modal_credentials,
     check_modal_installed,
+    check_shipped_paths,
     check_store,
     check_versions,
     installed_version,
@@ -42,8 +45,9 @@ from trainguard.preflight.imports import ImportClosure, ImportSite, import_closu
 
 __all__ = ["CheckResult", "ImportClosure", "ImportSite", "PreflightFailed", "PreflightTarget",
            "check_data", "check_disk", "check_gpu", "check_imports", "check_modal_credentials",
-           "check_modal_installed", "check_store", "check_versions", "distribution_of",
-           "import_closure", "parse_requirement", "require_ok", "run_preflight"]
+           "check_modal_installed", "check_shipped_paths", "check_store", "check_versions",
+           "distribution_of", "import_closure", "parse_requirement", "require_ok",
+           "run_preflight"]
 
 
 class PreflightFailed(TrainguardError):
@@ -75,9 +79,10 @@ class PreflightTarget:
         store: the store the run writes (None: not checked).
         disk_path: where checkpoints land on this machine (None: not checked).
         checkpoint_bytes: the expected size of one checkpoint (0: not checked).
-        env: the environment read for credentials (default ``os.environ``).
-        home: the home directory holding ``.modal.toml`` (default ``~``).
         data_gate: a :class:`~trainguard.data.DataGate` the dataset must pass (None: none).
+        shipped: top-level modules the target gets as shipped source rather than as
+            packages (on Modal: trainguard itself).
+        files: container paths the launch ships (Modal), for the relative-path warning.
     """
 
     backend: str = "local"
@@ -86,9 +91,9 @@ class PreflightTarget:
     store: object | None = None
     disk_path: str | None = None
     checkpoint_bytes: int = 0
-    env: Mapping[str, str] | None = None
-    home: str | None = None
     data_gate: object | None = None
+    shipped: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
 
     @property
     def where(self) -> str:
@@ -106,8 +111,8 @@ class PreflightTarget:
         """Whether a third-party top-level module is available in the target."""
         if self.backend != "modal":
             return lambda module: importlib.util.find_spec(module) is not None
-        pins = self.image_versions()
-        return lambda module: distribution_of(module) in pins
+        pins, shipped = self.image_versions(), set(self.shipped)
+        return lambda module: module in shipped or distribution_of(module) in pins
 
     def version_of(self) -> Callable[[str], str | None]:
         """The version of a distribution in the target (None: absent or not pinned)."""
@@ -143,9 +148,11 @@ def run_preflight(script: str | os.PathLike, target: PreflightTarget, *,
     results = []
     if target.backend == "modal":
         results.append(check_modal_installed())
-        results.append(check_modal_credentials(target.env, target.home))
+        results.append(check_modal_credentials())
     closure = closure or import_closure(script, root)
-    results.append(check_imports(closure, target.installed()))
+    results.append(check_imports(closure, target.installed(), distribution_of))
+    if target.backend == "modal":
+        results.append(check_shipped_paths(closure, target.files))
     if target.store is not None:
         results.append(check_store(target.store))
     if target.disk_path and target.checkpoint_bytes:

@@ -14,7 +14,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +36,13 @@ class CheckResult:
     ok: bool
     detail: str
     fix: str = ""
+    warn: bool = False
 
     def line(self) -> str:
-        """``✓ name: detail`` or ``✗ name: detail -- fix: ...``."""
+        """``✓ name: detail``, ``! name: detail`` + fix (a warning: the launch goes on),
+        or ``✗ name: detail`` + fix."""
+        if self.ok and self.warn:
+            return f"! {self.name}: {self.detail}\n    fix: {self.fix}"
         if self.ok:
             return f"✓ {self.name}: {self.detail}"
         return f"✗ {self.name}: {self.detail}\n    fix: {self.fix}"
@@ -62,68 +66,75 @@ def check_modal_installed(find_spec: Callable[[str], object] = importlib.util.fi
     return CheckResult("modal installed", True, f"modal {version}")
 
 
-def _load_toml(path: Path) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    with open(path, "rb") as handle:
-        return tomllib.load(handle)
+def _token_missing(profile: str, config_path: str) -> str:
+    import os as _os
+
+    if _os.environ.get("MODAL_PROFILE"):
+        return f"profile {profile!r} has no token in {config_path}"
+    return f"no token: neither MODAL_TOKEN_ID/MODAL_TOKEN_SECRET nor a profile in {config_path}"
 
 
-def _profile(config: dict, env: Mapping[str, str]) -> tuple[str, dict]:
-    """The active profile of a ``.modal.toml``: MODAL_PROFILE, ``active = true``, else the first."""
-    wanted = env.get("MODAL_PROFILE")
-    if wanted:
-        return wanted, config.get(wanted) or {}
-    for name, section in config.items():
-        if isinstance(section, dict) and section.get("active"):
-            return name, section
-    for name, section in config.items():
-        if isinstance(section, dict):
-            return name, section
-    return "", {}
+def check_modal_credentials() -> CheckResult:
+    """Modal credentials resolve the way the installed client resolves them (never
+    contacts Modal).
 
-
-def check_modal_credentials(env: Mapping[str, str] | None = None,
-                            home: str | os.PathLike | None = None) -> CheckResult:
-    """Modal credentials are present (env vars or ``~/.modal.toml``); never contacts Modal.
-
-    Args:
-        env: the environment to read (default ``os.environ``).
-        home: the home directory holding ``.modal.toml`` (default ``~``);
-            ``MODAL_CONFIG_PATH`` in ``env`` overrides the file.
+    It asks the client's own configuration (``modal.config``): each setting from its
+    ``MODAL_*`` variable, else the active profile of ``.modal.toml`` (``MODAL_CONFIG_PATH``,
+    ``MODAL_PROFILE``), so a token split between the environment and the file, several
+    profiles, and OAuth credentials count exactly as ``modal.Client.from_env`` counts
+    them (``modal/client.py``); profile errors are the client's own (``_check_config``).
+    The configuration is read when ``modal`` is first imported in this process.
     """
-    env = os.environ if env is None else env
     name = "modal credentials"
-    if env.get("MODAL_TOKEN_ID") and env.get("MODAL_TOKEN_SECRET"):
-        return CheckResult(name, True, "MODAL_TOKEN_ID and MODAL_TOKEN_SECRET are set")
-    if env.get("MODAL_TOKEN_ID") or env.get("MODAL_TOKEN_SECRET"):
-        half = "MODAL_TOKEN_ID" if env.get("MODAL_TOKEN_ID") else "MODAL_TOKEN_SECRET"
-        return CheckResult(name, False, f"only {half} is set", _TOKEN_FIX)
-    if env.get("MODAL_OAUTH_REFRESH_TOKEN") and env.get("MODAL_OAUTH_CLIENT_ID"):
-        return CheckResult(name, True, "Modal OAuth credentials are set")
-    path = Path(env.get("MODAL_CONFIG_PATH") or Path(home or Path.home()) / ".modal.toml")
-    if not path.is_file():
-        return CheckResult(name, False, f"no MODAL_TOKEN_ID/MODAL_TOKEN_SECRET and no {path}",
-                           _TOKEN_FIX)
     try:
-        profile, section = _profile(_load_toml(path), env)
-    except (OSError, ValueError) as exc:
-        return CheckResult(name, False, f"{path} cannot be read: {exc}", _TOKEN_FIX)
-    if section.get("token_id") and section.get("token_secret"):
-        return CheckResult(name, True, f"profile {profile!r} in {path}")
-    return CheckResult(name, False, f"profile {profile or '?'!r} in {path} has no token_id/"
-                       "token_secret", _TOKEN_FIX)
+        import modal.config as mc
+        from modal.exception import InvalidError
+    except ImportError as exc:
+        return CheckResult(name, False, f"modal cannot be imported: {exc}",
+                           "pip install 'trainguard[modal]'")
+    try:
+        mc._check_config()
+        get = mc.config.get
+        token_id, token_secret = get("token_id"), get("token_secret")
+        oauth = {k: get(f"oauth_{k}") for k in ("refresh_token", "client_id", "client_secret",
+                                                "jwt_key")}
+        server = get("server_url")
+    except InvalidError as exc:
+        return CheckResult(name, False, str(exc).strip().splitlines()[0], _TOKEN_FIX)
+    profile, path = getattr(mc, "_profile", "default"), getattr(mc, "user_config_path", "")
+    where = "" if server.startswith("https://api.modal.com") else f" (server {server})"
+    has_oauth = any(oauth.values())
+    if (token_id or token_secret) and has_oauth:
+        return CheckResult(name, False, "both a token and OAuth credentials are configured",
+                           "keep one kind: unset the MODAL_OAUTH_* or MODAL_TOKEN_* settings")
+    if has_oauth:
+        complete = oauth["refresh_token"] and oauth["client_id"] and \
+            bool(oauth["client_secret"]) != bool(oauth["jwt_key"])
+        if not complete:
+            return CheckResult(name, False, "OAuth credentials are incomplete (a refresh token, "
+                               "a client id, and one of client secret or JWT key)", _TOKEN_FIX)
+        return CheckResult(name, True, f"OAuth credentials{where}")
+    if token_id and token_secret:
+        source = ("MODAL_TOKEN_ID/MODAL_TOKEN_SECRET" if os.environ.get("MODAL_TOKEN_ID")
+                  and os.environ.get("MODAL_TOKEN_SECRET") else f"profile {profile!r} in {path}")
+        return CheckResult(name, True, f"token from {source}{where}")
+    if token_id or token_secret:
+        half = "token_id" if token_id else "token_secret"
+        return CheckResult(name, False, f"only {half} is set (environment or profile "
+                           f"{profile!r} in {path})", _TOKEN_FIX)
+    return CheckResult(name, False, _token_missing(profile, path), _TOKEN_FIX)
 
 
-def check_imports(closure: ImportClosure, installed: Callable[[str], bool]) -> CheckResult:
+def check_imports(closure: ImportClosure, installed: Callable[[str], bool],
+                  pip_name: Callable[[str], str] = lambda module: module) -> CheckResult:
     """Every import of the entrypoint resolves: local files exist, third-party ones are installed.
 
     Args:
         closure: the entrypoint's import closure.
         installed: whether a third-party top-level module is available in the target
             environment (locally: importable; on Modal: in the image's packages).
+        pip_name: the distribution to install for an import name (``sklearn`` ->
+            ``scikit-learn``), for the fix.
     """
     name = "imports"
     if closure.missing:
@@ -136,11 +147,83 @@ def check_imports(closure: ImportClosure, installed: Callable[[str], bool]) -> C
     if absent:
         site = absent[0]
         names = ", ".join(s.module for s in absent)
+        dists = " ".join(dict.fromkeys(pip_name(s.module) for s in absent))
+        pips = " ".join(f"--pip {d}" for d in dists.split())
         return CheckResult(name, False, f"{names} not installed in the target environment "
-                           f"(imported at {site})", f"add {site.module} to the requirements "
-                           f"(--requirements FILE or --pip {site.module}) or install it")
+                           f"(imported at {site})", f"add {dists} to the requirements "
+                           f"(--requirements FILE or {pips}) or install it")
     return CheckResult(name, True, f"{len(closure.files)} local files, "
                        f"{len(closure.third_party)} third-party modules resolved")
+
+
+#: Calls whose string arguments are not paths the script reads.
+_NOT_PATHS = {"print", "getenv", "get", "setdefault", "format", "join", "split", "startswith",
+              "endswith", "replace", "add_argument_group", "warn", "info", "debug", "error",
+              "warning", "log", "import_module", "getLogger"}
+
+
+def _path_literals(source: Path) -> list[tuple[str, int]]:
+    """String literals passed to calls in ``source`` (candidates for files it opens)."""
+    import ast
+
+    try:
+        tree = ast.parse(source.read_bytes())
+    except (SyntaxError, ValueError, OSError):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+        if called in _NOT_PATHS:
+            continue
+        for arg in [*node.args, *(k.value for k in node.keywords)]:
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and 0 < len(
+                    arg.value) < 256 and "\n" not in arg.value and not arg.value.startswith(
+                    ("/", "~", "-", "http:", "https:", "s3:", "gs:", "modal:")):
+                found.append((arg.value, node.lineno))
+    return found
+
+
+def check_shipped_paths(closure: ImportClosure, shipped: Iterable[str],
+                        remote_root: str = "/root") -> CheckResult:
+    """Warn about relative paths the script's code passes to calls (``open("cfg.yaml")``,
+    ``read_csv("data/x.csv")``, ``default="configs/a.json"``) that exist next to the
+    script or in the project root but are not shipped: in the container (working
+    directory ``/root``) they would not exist.
+
+    Args:
+        closure: the entrypoint's import closure (its local source files are read).
+        shipped: container paths the launch ships.
+        remote_root: the container directory the project lands in.
+    """
+    name = "local files"
+    shipped = set(shipped)
+    roots = [Path(closure.root), Path(closure.script).parent]
+    missing: dict[str, str] = {}
+    for source in closure.files:
+        for text, line in _path_literals(Path(source)):
+            rel = text.strip().removeprefix("./").rstrip("/")
+            if not rel or rel in (".", "..") or rel.startswith("../") or rel.endswith(".py"):
+                continue
+            if not any((root / rel).exists() for root in roots):
+                continue
+            remote = f"{remote_root}/{rel}"
+            if remote in shipped or any(p.startswith(remote + "/") for p in shipped):
+                continue
+            where = os.path.relpath(source, closure.root) if source.startswith(
+                closure.root) else source
+            missing.setdefault(rel, (f"{where}:{line}", source, line))
+    missing = {rel: loc for rel, (loc, *_order) in sorted(missing.items(),
+                                                          key=lambda kv: kv[1][1:])}
+    if not missing:
+        return CheckResult(name, True, "no unshipped relative paths found in the code")
+    shown = ", ".join(f"{path} ({where})" for path, where in list(missing.items())[:4])
+    more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+    adds = " ".join(f"--add-local {p}" for p in missing)
+    return CheckResult(name, True, f"{shown}{more} exist here but are not shipped; in the "
+                       f"container they will be missing", f"ship them: {adds}", warn=True)
 
 
 def check_store(store, probe: str = ".trainguard-preflight") -> CheckResult:

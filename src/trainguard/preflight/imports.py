@@ -4,8 +4,9 @@ Starting from the training script, every ``import`` / ``from ... import`` is res
 way ``python SCRIPT`` would resolve it with the project root on ``PYTHONPATH``:
 
 * a name in the standard library is skipped;
-* a name found as ``NAME.py`` or ``NAME/`` in the script's directory or the project root
-  is a **local** module: it is shipped with the job and analysed in turn (transitively,
+* a name found as ``NAME.py`` or ``NAME/`` in the script's directory or the project root,
+  or in a ``src/`` directory beside either (the "src layout": ``src/mypkg``), is a
+  **local** module: it is shipped with the job and analysed in turn (transitively,
   relative imports included);
 * anything else is a **third-party** module, which must be installed in the target
   environment (locally: importable; on Modal: in the image's packages).
@@ -108,7 +109,9 @@ class _Analyzer:
     """Walks the import graph from the script; see :func:`import_closure`."""
 
     def __init__(self, script: Path, root: Path) -> None:
-        self.search = [script.parent] if script.parent == root else [script.parent, root]
+        bases = [script.parent] if script.parent == root else [script.parent, root]
+        self.search = bases + [b / "src" for b in bases
+                               if (b / "src").is_dir() and not _is_installed_dir(b / "src")]
         self.result = ImportClosure(str(script), str(root))
         self.seen: set[Path] = set()
         self.stdlib = set(sys.stdlib_module_names) | set(sys.builtin_module_names)

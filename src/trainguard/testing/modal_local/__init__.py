@@ -104,6 +104,10 @@ class LocalModal:
             await asyncio.sleep(0.05)
         self._server.close()
         await self.plane.http.stop()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:  # drivers and watchers of inputs that will never finish now
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     def start(self) -> LocalModal:
         """Run the plane on an event loop in a background thread."""

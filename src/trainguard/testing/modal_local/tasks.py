@@ -245,8 +245,12 @@ class Task:
 
     def arm_timeout(self, attempt: Attempt, seconds: float) -> None:
         async def expire() -> None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(attempt.finished.wait(), seconds)
+            done = asyncio.create_task(attempt.finished.wait())
+            gone = asyncio.create_task(self.exited.wait())
+            await asyncio.wait({done, gone}, timeout=seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
+            done.cancel()
+            gone.cancel()
             if not attempt.finished.is_set() and not self.exited.is_set():
                 log.info("input %s timed out after %.0f s: killing container %s",
                          attempt.input.input_id, seconds, self.task_id)
