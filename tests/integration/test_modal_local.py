@@ -122,7 +122,7 @@ def test_detached_job_survives_its_launcher_and_resumes_after_crash_and_preempti
     digest = hashlib.sha256(secret.encode()).hexdigest()[:12]
     assert f"CONFIG journey SECRET {digest}" in out  # --add-local and the secret arrived
     status = tg(env, "status", job["id"])
-    assert "succeeded" in status.stdout, status.stdout
+    assert "succeeded" in status.stdout and "commit 30" in status.stdout, status.stdout
     state = plane.state()
     assert not _app(state, "journey")["running"]  # the detached app was stopped
     assert committed_steps(plane, "journey")[-1] == 30
@@ -184,7 +184,10 @@ def test_the_plane_models_reuse_timeouts_missing_files_and_crashes(plane, env):
     assert results["timed"].startswith("FunctionTimeoutError")
     assert results["missing"].startswith("ModuleNotFoundError: No module named 'helpers_modal'")
     assert "exited with code 3 without a result, 3 times" in results["crashing"]
+    assert results["unmodelled"].startswith("UnimplementedError: DictGetOrCreate is not "
+                                            "modelled")
     state = plane.state()
+    assert "DictGetOrCreate" in state["unimplemented"]
     app_id = next(a["app_id"] for a in state["apps"] if a["description"] == "plain-functions")
     assert not next(a for a in state["apps"] if a["app_id"] == app_id)["running"]  # ephemeral
 

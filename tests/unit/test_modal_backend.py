@@ -230,6 +230,25 @@ def test_a_cancellation_is_a_graceful_stop_and_ends_the_input_as_cancelled(tmp_p
     assert volume.events[-1] == "commit"
 
 
+def test_before_modal_times_out_the_attempt_saves_commits_and_asks_to_be_run_again(tmp_path):
+    """Modal kills an attempt at its timeout; the entry interrupts the Run a margin
+    before (a quarter of a short timeout), so the attempt ends committed."""
+    from trainguard import CheckpointManager
+    from trainguard.launch.modal_entry import timeout_margin
+
+    assert timeout_margin(12 * 3600) == 120 and timeout_margin(4) == 1
+    job = _job(tmp_path, "import time, torch\nfrom trainguard import Run\n"
+                         "model = torch.nn.Linear(2, 1)\n"
+                         "with Run(save_every_steps=10**9, tensorboard=False) as run:\n"
+                         "    run.track(model=model)\n"
+                         "    for step in run.steps(10**9):\n        time.sleep(0.01)\n")
+    job["timeout"] = 4
+    with pytest.raises(Preempted):
+        run_job(job, volume=FakeVolume())
+    (saved,) = CheckpointManager(job["run_dir"]).list()
+    assert saved.step > 0
+
+
 def test_remote_entry_gives_the_script_a_volume_store(tmp_path, capsys):
     job = _job(tmp_path, "import os\nfrom trainguard.store import open_store\n"
                          "print(type(open_store(os.environ['TRAINGUARD_RUN_DIR'])).__name__)\n")
@@ -263,6 +282,9 @@ class FakeClient:
 
     def stop_app(self, app_id):
         self.calls.append(("stop_app", app_id))
+
+    def last_commit(self, run_url):
+        return 40
 
 
 def test_detached_modal_jobs_are_tracked_through_the_seam(project, tmp_path, monkeypatch):

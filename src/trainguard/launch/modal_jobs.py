@@ -63,6 +63,10 @@ class ModalClient(Protocol):
         """Stop the app (no container of it keeps running)."""
         ...
 
+    def last_commit(self, run_url: str) -> int | None:
+        """The newest step committed in ``modal://VOLUME/RUN`` (None: none yet)."""
+        ...
+
 
 class RealModalClient:
     """:class:`ModalClient` with the ``modal`` package (needs credentials and a server).
@@ -122,6 +126,15 @@ class RealModalClient:
         import modal
 
         modal.App.lookup(app_id).stop()
+
+    def last_commit(self, run_url: str) -> int | None:
+        from trainguard.checkpoint.format import parse_step_dir
+        from trainguard.store.modal_volume import ModalVolumeReader
+
+        steps = [parse_step_dir(key.split("/")[1]) for key in
+                 ModalVolumeReader(run_url).list("checkpoints/")
+                 if key.endswith("/manifest.json") and key.count("/") == 2]
+        return max((s for s in steps if s is not None), default=None)
 
 
 def _table(table: JobTable) -> JobTable:
@@ -191,6 +204,13 @@ def _end_app(table: JobTable, job_id: str, call: dict, client: ModalClient) -> N
     table._db.execute("UPDATE modal_calls SET app_stopped = 1 WHERE job_id = ?", (job_id,))
 
 
+def _record_commit(table: JobTable, job: dict, client: ModalClient) -> None:
+    """The newest committed step, read from the volume (what ``ps`` shows as COMMIT)."""
+    step = client.last_commit(job["run_dir"]) if job.get("run_dir") else None
+    if step is not None and step != job.get("last_commit_step"):
+        table.update(job["id"], last_commit_step=step, step=step)
+
+
 def refresh(table: JobTable, job_id: str, client: ModalClient) -> str:
     """Ask Modal for the state of a Modal job, record it, and return the status; a job
     seen ended has its app stopped."""
@@ -205,6 +225,7 @@ def refresh(table: JobTable, job_id: str, client: ModalClient) -> str:
             status, message = "stopped", "stopped by `trainguard stop` (the run committed first)"
         if status != "running":
             table.update(job_id, status=status, message=message or job["message"])
+        _record_commit(table, job, client)
     if status in FINAL:
         _end_app(table, job_id, call, client)
     return status
