@@ -285,7 +285,7 @@ def test_every_command_of_the_modal_docs_runs_against_the_standalone_plane(tmp_p
                 assert "STEP 30" in done.stdout, done.stdout[-2000:]
                 if "FC_ID" in ids:  # the rehearsal's preemption: a resume from its commit
                     resumed = [int(w) for a, w in zip(done.stdout.split(),
-                                                      done.stdout.split()[1:])
+                                                      done.stdout.split()[1:], strict=False)
                                if a == "RESUMED"]
                     assert resumed[0] == 0 and resumed[-1] > 0, resumed
             if "preempt" in args:

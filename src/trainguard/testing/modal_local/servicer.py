@@ -25,8 +25,13 @@ from google.protobuf import empty_pb2
 from grpclib import GRPCError, Status
 from modal_proto import api_grpc, api_pb2
 
-from trainguard.testing.modal_local.state import AppRecord, FunctionRecord, ImageRecord, \
-    MountRecord, new_id
+from trainguard.testing.modal_local.state import (
+    AppRecord,
+    FunctionRecord,
+    ImageRecord,
+    MountRecord,
+    new_id,
+)
 
 if TYPE_CHECKING:
     from trainguard.testing.modal_local.plane import Plane
@@ -118,11 +123,16 @@ class Servicer(api_grpc.ModalClientBase):
                                          app_page_url=f"{self.plane.http_url}/apps/{app.app_id}",
                                          app_logs_url=f"{self.plane.http_url}/logs/{app.app_id}")
 
+    @staticmethod
+    def _get(table: dict, key: str, what: str):
+        """``table[key]``, or Modal's NOT_FOUND naming ``what``."""
+        found = table.get(key)
+        if found is None:
+            raise _not_found(f"{what} {key} not found")
+        return found
+
     def _app(self, app_id: str) -> AppRecord:
-        app = self.plane.apps.get(app_id)
-        if app is None:
-            raise _not_found(f"App {app_id} not found")
-        return app
+        return self._get(self.plane.apps, app_id, "App")
 
     @unary
     async def AppHeartbeat(self, request):
@@ -363,9 +373,7 @@ class Servicer(api_grpc.ModalClientBase):
 
     @unary
     async def FunctionMap(self, request):
-        function = self.plane.functions.get(request.function_id)
-        if function is None:
-            raise _not_found(f"function {request.function_id} not found")
+        function = self._get(self.plane.functions, request.function_id, "function")
         if not self.plane.apps[function.app_id].running:
             raise GRPCError(Status.FAILED_PRECONDITION, f"app {function.app_id} is stopped")
         if not request.pipelined_inputs:
@@ -382,10 +390,7 @@ class Servicer(api_grpc.ModalClientBase):
             function_call_jwt=f"jwt-{call.call_id}", sync_client_retries_enabled=False)
 
     def _call(self, call_id: str):
-        call = self.plane.calls.get(call_id)
-        if call is None:
-            raise _not_found(f"function call {call_id} not found")
-        return call
+        return self._get(self.plane.calls, call_id, "function call")
 
     @unary
     async def FunctionGetOutputs(self, request):
@@ -478,10 +483,7 @@ class Servicer(api_grpc.ModalClientBase):
                                                  metadata=metadata)
 
     def _volume(self, volume_id: str):
-        volume = self.plane.volumes_by_id.get(volume_id)
-        if volume is None:
-            raise _not_found(f"Volume {volume_id} not found")
-        return volume
+        return self._get(self.plane.volumes_by_id, volume_id, "Volume")
 
     @streaming
     async def VolumeListFiles(self, request):

@@ -306,7 +306,8 @@ async def drive(plane: Plane, inp: InputRecord) -> None:
             attempt.task.current.pop(inp.input_id, None)
             if outcome in ("cancelled", "stopped"):
                 continue  # the loop's first check ends the input
-            if outcome == "preempted":
+            if outcome == "preempted":  # restarted once the preempted container is gone
+                await attempt.task.exited.wait()
                 await _sleep_unless_cancelled(inp, retry_delay(policy, 0))
                 continue
             if outcome == "crashed":
