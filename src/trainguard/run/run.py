@@ -540,6 +540,20 @@ class Run(EpochLoop):
 
     # -- the best checkpoint ---------------------------------------------------------------
 
+    def best(self, metric: str, mode: str = "min") -> float | None:
+        """The best value of ``metric`` among this run's checkpoints (None: none has it).
+
+        Read at the start of a script, it is the "best so far" of the run being resumed
+        (``best_val_loss = run.best("val_loss")``): a value logged in the epoch-end work
+        is in that epoch's checkpoint. With a retention policy, keep that checkpoint:
+        ``keep=keep_last(3) | keep_best(1, "val_loss")``.
+
+        Raises:
+            ValueError: a bad ``mode``.
+        """
+        info = best_of(self._open("best()").manager.list(), metric, mode)
+        return None if info is None else info.metrics[metric]
+
     def restore_best(self, metric: str, mode: str = "min", *,
                      objects: tuple[str, ...] | None = None) -> CheckpointInfo | None:
         """Load the tracked modules (or ``objects``, by name) from the checkpoint with the

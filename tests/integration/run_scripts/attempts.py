@@ -130,3 +130,43 @@ def kill_after_commit(attempt: Attempt, run_dir: Path, rng: random.Random,
         except ProcessLookupError:  # it finished on its own
             pass
     return attempt.wait()
+
+
+def _preload() -> tuple[str, ...]:
+    """What the fork server imports once: torch, trainguard, and what the scripts use."""
+    import importlib.util
+
+    optional = ("torchdata.stateful_dataloader", "sklearn.datasets")
+    present = tuple(m for m in optional if importlib.util.find_spec(m.split(".")[0]))
+    return ("torch", "numpy", "torch.utils.data", "trainguard.run", *present)
+
+
+PRELOAD = _preload()
+
+
+def killed_and_resumed(server: ForkServer, tmp: Path, argv, target: dict, *, kills: int = 3,
+                       seed: str = "0", at_line: str | None = None) -> tuple[Path, Path]:
+    """A reference run (concurrently) and a run killed ``kills`` times, then finished.
+
+    ``argv(run_dir)`` gives the command line of a run in ``run_dir``; ``target`` is
+    ``{"module": M}`` or ``{"script": PATH}``. Every other kill waits for a line starting
+    with ``at_line`` (when given). Returns (reference dir, resumed dir) once both ended
+    with exit code 0.
+    """
+    log = tmp / "log"
+    reference, resumed = tmp / "reference", tmp / "resumed"
+    ref = server.start(argv(reference), **target, stderr=log, follow=False)
+    rng = random.Random(seed)
+    landed = 0
+    for k in range(kills):
+        attempt = server.start(argv(resumed), **target, stderr=log)
+        code = kill_after_commit(attempt, resumed, rng, at_line=at_line if k % 2 else None)
+        if code == 0:  # it finished before its kill came (a very slow parent)
+            break
+        assert code == -9, log.read_text()[-3000:]
+        landed += 1
+    assert landed >= 1, "no kill landed before the run finished"
+    final = server.start(argv(resumed), **target, stderr=log, follow=False)
+    assert final.wait() == 0, log.read_text()[-3000:]
+    assert ref.wait() == 0, log.read_text()[-3000:]
+    return reference, resumed
