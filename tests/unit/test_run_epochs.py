@@ -192,3 +192,16 @@ def test_batches_over_a_range_resume_by_slicing(tmp_path):
     assert seen[:6] == [(i, 5 * i) for i in range(6)]
     assert seen[6:10] == [(0, i, 5 * i) for i in range(6, 10)]
     assert seen[10:] == [(1, i, 5 * i) for i in range(10)]
+
+
+def test_a_generator_of_the_scripts_own_is_restored_in_place(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    with Run(tmp_path, save_every_steps=1, **FAST) as run:
+        run.track(gen=generator)
+        for _ in run.steps(2):
+            torch.rand(2, generator=generator)
+    expected = torch.rand(2, generator=generator)
+    again = torch.Generator().manual_seed(99)
+    with Run(tmp_path, save_every_steps=1, **FAST) as run:
+        run.track(gen=again)
+    assert torch.equal(torch.rand(2, generator=again), expected)

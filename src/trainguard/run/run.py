@@ -17,8 +17,12 @@ What it guarantees (each one is tested):
   :class:`Preempted` (exit code :data:`EXIT_RESUME`).
 * Errors: an exception commits the state as ``reason="error"`` (never "best") and is
   re-raised unchanged; memory is freed (gc, CUDA cache) on the way out.
-* Exactness: with the RNG streams and a :class:`ResumableLoader` in the state, a run
-  killed at any instant and restarted ends bit-identical to one never interrupted.
+* Exactness: with the RNG streams and the data position in the state (a tracked plain
+  DataLoader, a :class:`ResumableLoader`...), a run killed at any instant and restarted
+  ends bit-identical to one never interrupted. The RNG streams are set where the first
+  resumed step starts, not in ``track()``.
+* Epochs: ``run.epochs()`` / ``run.batches()`` resume mid-epoch; each epoch's end is a
+  save point (see :mod:`trainguard.run.epochs`).
 """
 
 from __future__ import annotations

@@ -155,6 +155,23 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+class GeneratorState:
+    """A ``torch.Generator`` of the script's own, checkpointed (``get_state``/``set_state``).
+
+    Args:
+        generator: the generator, restored in place.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"].cpu())
+
+
 def _plain(value: Any) -> bool:
     if isinstance(value, _PLAIN):
         return True
@@ -189,6 +206,8 @@ def build_state(objects: dict[str, Any], own: dict[str, Any], capture_rng: bool)
                              f"another")
         if is_stateful(obj) or isinstance(obj, (torch.Tensor, dict, list)):
             state[name] = obj
+        elif isinstance(obj, torch.Generator):
+            state[name] = GeneratorState(obj)
         elif is_plain_loader(obj):
             state[name] = DataLoaderPosition(obj, name)
         elif _simple_object(obj):
