@@ -205,3 +205,19 @@ def test_a_generator_of_the_scripts_own_is_restored_in_place(tmp_path):
     with Run(tmp_path, save_every_steps=1, **FAST) as run:
         run.track(gen=again)
     assert torch.equal(torch.rand(2, generator=again), expected)
+
+
+def test_a_nonfinite_loss_in_batches_rolls_back_inside_the_epoch(tmp_path):
+    model, _ = tiny()
+    seen, failed = [], False
+    with Run(tmp_path, save_every_steps=2, **FAST) as run:
+        run.track(model=model)
+        for _epoch in run.epochs(1):
+            for i, offset in run.enumerate(range(0, 60, 10)):
+                seen.append(offset)
+                bad = offset == 30 and not failed
+                failed = failed or bad
+                run.log(loss=float("nan") if bad else 1.0)
+    # Rolled back to step 2 (batches 0, 10 done), replayed batch 20, skipped 30.
+    assert seen == [0, 10, 20, 30, 20, 40, 50]
+    assert run.rollbacks == 1 and run.step == 5

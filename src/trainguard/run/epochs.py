@@ -260,14 +260,14 @@ class EpochLoop:
     def _batch_loop(self, source: _Source) -> Iterator[Any]:
         s = self._open("batches()")
         position, epochs = self._epoch, self._epoch.epochs
-        if source.length is not None and self._epoch_range is not None:
+        if source.length is not None and self._epoch_range is not None:  # for the ETA
             first, stop = self._epoch_range
             s.metrics.total = self._done + source.length * (stop - first) - position.batch
         if position.exhausted or (source.length is not None
                                   and position.batch >= source.length):
             self._apply_rng()  # the end work starts from the streams of the last step
             return  # resumed after this epoch's last batch: only its end work is left
-        it, ahead = None, _END
+        it, ahead, skipped = None, _END, 0
         while True:
             if self.preempted:
                 self._stop_for_preemption(s)
@@ -282,8 +282,9 @@ class EpochLoop:
                 position.exhausted = True
                 return
             position.batch += 1
-            if self._done + 1 in self._counters.skip_steps:
-                self._on_skip(self._done + 1)
+            if self._done + 1 in self._counters.skip_steps and skipped != self._done + 1:
+                skipped = self._done + 1  # its batch blew up before a rollback: drop it once
+                self._on_skip(skipped)
                 continue
             step = self._begin(s, self._done + 1)
             for check in self._checks:
@@ -296,15 +297,17 @@ class EpochLoop:
                 position.exhausted = ahead is _END
             self._end(s, step, defer=last)
             if self._done < step:  # rolled back: continue from the restored position
-                if self._epoch.epochs != epochs:
-                    raise NonFiniteLoss(
-                        f"a non-finite value at step {step} rolled the run back to step "
-                        f"{self._done}, in an earlier epoch, whose end work cannot be "
-                        f"redone from inside this one; lower the learning rate or clip "
-                        f"gradients")
+                self._check_same_epoch(step, epochs)
                 it, ahead = None, _END
                 if position.exhausted:
                     return
+
+    def _check_same_epoch(self, step: int, epochs: int) -> None:
+        if self._epoch.epochs != epochs:
+            raise NonFiniteLoss(
+                f"a non-finite value at step {step} rolled the run back to step "
+                f"{self._done}, in an earlier epoch, whose end work cannot be redone from "
+                f"inside this one; lower the learning rate or clip gradients")
 
     # -- values carried between steps ----------------------------------------------------
 
