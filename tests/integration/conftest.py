@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.run_scripts.attempts import PRELOAD, ForkServer
+from tests.integration.run_scripts.attempts import ForkServer, shared_server
 
 
-@pytest.fixture(scope="session")
-def fork_server(tmp_path_factory):
-    """One fork server for the session: torch imported once, each attempt a fork."""
-    server = ForkServer(tmp_path_factory.mktemp("forks"), PRELOAD)
-    yield server
-    server.close()
+@pytest.fixture
+def fork_server() -> ForkServer:
+    """The session's fork server: torch imported once, each attempt a fork."""
+    return shared_server()

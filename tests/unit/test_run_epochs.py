@@ -47,7 +47,7 @@ def test_rng_is_set_where_the_first_resumed_step_starts_not_in_track(tmp_path):
 
 
 def test_a_tracked_namespace_restores_what_the_run_changed(tmp_path):
-    args = argparse.Namespace(lr=1.0, epochs=3, name="a")
+    args = argparse.Namespace(lr=1.0, epochs=3, name="a", func=print)  # func: code, left out
     with Run(tmp_path, save_every_steps=1, **FAST) as run:
         run.track(args=args)
         for _ in run.steps(2):

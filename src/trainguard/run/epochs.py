@@ -125,6 +125,8 @@ class Batches:
         return len(self._source.data)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not data's: also keeps copy/pickle from recursing
+            raise AttributeError(name)
         return getattr(self._source.data, name)
 
 

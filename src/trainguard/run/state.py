@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import types
+
 import torch
 
 from trainguard.checkpoint import RNGState
@@ -32,6 +34,8 @@ RUN_KEY = "trainguard"
 
 # Attribute values an Attributes adapter saves: what reads back as the same value.
 _PLAIN = (type(None), bool, int, float, str, torch.Tensor)
+# Attribute values that are code, not state (argparse's set_defaults(func=...)): left out.
+_CODE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
 
 
 class RunCounters:
@@ -98,7 +102,8 @@ class Attributes:
     ``args.lr /= 4`` is saved with every checkpoint and a resumed run finds ``args.lr``
     as it was, without renaming anything. Attributes hold plain values (None, bool, int,
     float, str, tensors, and lists/tuples/dicts of those); one added after ``track()``
-    is saved from then on.
+    is saved from then on. Functions and classes (``set_defaults(func=...)``) are code,
+    not state: they are left out.
 
     Only what the run *changed* is set back: an attribute whose saved value equals the
     value it had when that run called ``track()`` keeps this process's value, so a
@@ -119,7 +124,7 @@ class Attributes:
         self._initial = self._values()  # refuses a non-plain attribute now, not at a save
 
     def _values(self) -> dict:
-        values = dict(vars(self.target))
+        values = {k: v for k, v in vars(self.target).items() if not isinstance(v, _CODE)}
         for attr, value in values.items():
             if not _plain(value):
                 raise TypeError(

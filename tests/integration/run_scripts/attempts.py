@@ -7,6 +7,7 @@ so where the kill lands follows what the run did, whatever the machine's speed.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -14,6 +15,8 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,39 +33,97 @@ def newest_commit(run_dir: Path) -> int:
 
 
 class Attempt:
-    """One forked training attempt whose stdout is a FIFO the test reads line by line."""
+    """One forked training attempt; its stdout is a FIFO the test reads line by line.
+
+    It offers what the tests use of ``subprocess.Popen`` (``pid``, ``stdout``,
+    ``send_signal``, ``kill``, ``wait(timeout)``, ``communicate``, ``returncode``), so
+    helpers written for Popen work unchanged.
+    """
 
     def __init__(self, server: ForkServer, pid: int, fifo_fd: int | None) -> None:
         self.server, self.pid, self._fd = server, pid, fifo_fd
         self._buffer = b""
-        self.code: int | None = None
+        self.returncode: int | None = None
+        self.stdout = _Lines(self)
+
+    @property
+    def code(self) -> int | None:
+        return self.returncode
+
+    def _fill(self) -> bool:
+        """Read what the child wrote; False at the end of its output."""
+        if self._fd is None:
+            return False
+        ready, _, _ = select.select([self._fd], [], [], LINE_TIMEOUT)
+        assert ready, f"attempt {self.pid} printed nothing for {LINE_TIMEOUT:.0f} s"
+        chunk = os.read(self._fd, 65536)
+        if not chunk:
+            os.close(self._fd)
+            self._fd = None
+            return False
+        self._buffer += chunk
+        return True
 
     def lines(self) -> Iterator[str]:
-        """The child's stdout lines as they come; ends when the child closes it."""
-        assert self._fd is not None
+        """The child's stdout lines (without the newline) as they come."""
         while True:
             while b"\n" in self._buffer:
                 line, self._buffer = self._buffer.split(b"\n", 1)
                 yield line.decode()
-            ready, _, _ = select.select([self._fd], [], [], LINE_TIMEOUT)
-            assert ready, f"attempt {self.pid} printed nothing for {LINE_TIMEOUT:.0f} s"
-            chunk = os.read(self._fd, 65536)
-            if not chunk:
+            if not self._fill():
                 return
-            self._buffer += chunk
+
+    def read_rest(self) -> str:
+        """Everything the child still writes, up to the end of its output."""
+        while self._fill():
+            pass
+        rest, self._buffer = self._buffer, b""
+        return rest.decode()
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
 
     def kill(self) -> None:
         """SIGKILL, the real thing."""
-        os.kill(self.pid, signal.SIGKILL)
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
 
-    def wait(self) -> int:
+    def wait(self, timeout: float | None = None) -> int:
         """The exit code (-9 when killed), once the child has exited."""
-        if self.code is None:
-            self.code = self.server.request({"op": "wait", "pid": self.pid})["code"]
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-        return self.code
+        if self.returncode is None:
+            if timeout is None:
+                self.returncode = self.server.request({"op": "wait", "pid": self.pid})["code"]
+            else:
+                deadline = time.monotonic() + timeout
+                while self.returncode is None:
+                    self.returncode = self.server.request({"op": "poll", "pid": self.pid})["code"]
+                    if self.returncode is None:
+                        if time.monotonic() > deadline:
+                            raise subprocess.TimeoutExpired(f"attempt {self.pid}", timeout)
+                        time.sleep(0.02)
+        return self.returncode
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        out = self.read_rest()
+        self.wait(timeout)
+        return out, None
+
+
+class _Lines:
+    """``attempt.stdout``: iterating gives lines with their newline, like a text pipe."""
+
+    def __init__(self, attempt: Attempt) -> None:
+        self._attempt = attempt
+
+    def __iter__(self) -> Iterator[str]:
+        return (line + "\n" for line in self._attempt.lines())
+
+    def read(self) -> str:
+        return self._attempt.read_rest()
 
 
 class ForkServer:
@@ -103,6 +164,18 @@ class ForkServer:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+
+
+_SHARED: ForkServer | None = None
+
+
+def shared_server() -> ForkServer:
+    """The fork server of this test process (started on first use, closed at exit)."""
+    global _SHARED
+    if _SHARED is None or _SHARED.proc.poll() is not None:
+        _SHARED = ForkServer(Path(tempfile.mkdtemp(prefix="trainguard-forks-")), PRELOAD)
+        atexit.register(_SHARED.close)
+    return _SHARED
 
 
 def kill_after_commit(attempt: Attempt, run_dir: Path, rng: random.Random,

@@ -15,7 +15,8 @@ Protocol, one JSON object per line on stdin, one reply per line on stdout:
   "stderr": PATH}`` -> ``{"pid": N}``: the child runs M (``python -m M``) or PATH as
   ``__main__`` with ``sys.argv = argv``, its stdout and stderr opened on the paths (a
   FIFO the test reads, or a file);
-* ``{"op": "wait", "pid": N}`` -> ``{"code": C}``: the exit code (-9: killed by SIGKILL).
+* ``{"op": "wait", "pid": N}`` -> ``{"code": C}``: the exit code (-9: killed by SIGKILL);
+* ``{"op": "poll", "pid": N}`` -> ``{"code": C}``, or ``{"code": null}`` while it runs.
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ def main() -> None:
             if pid == 0:
                 _child(command)
             reply = {"pid": pid}
-        elif command["op"] == "wait":
-            _, status = os.waitpid(command["pid"], 0)
-            reply = {"code": os.waitstatus_to_exitcode(status)}
+        elif command["op"] in ("wait", "poll"):
+            flags = 0 if command["op"] == "wait" else os.WNOHANG
+            pid, status = os.waitpid(command["pid"], flags)
+            reply = {"code": os.waitstatus_to_exitcode(status) if pid else None}
         else:
             reply = {"error": f"unknown op {command['op']!r}"}
         print(json.dumps(reply), file=replies, flush=True)
