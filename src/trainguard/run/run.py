@@ -41,10 +41,10 @@ import torch
 from trainguard.checkpoint import CheckpointInfo, CheckpointManager
 from trainguard.checkpoint.tree import is_stateful
 from trainguard.errors import CheckpointNotFound
+from trainguard.run.best import BestCheckpoint
 from trainguard.run.commits import parameters_finite
 from trainguard.run.config import EXIT_RESUME, RunConfig
 from trainguard.run.data import BatchFeed
-from trainguard.run.best import BestCheckpoint
 from trainguard.run.epochs import EpochLoop, EpochPosition
 from trainguard.run.guards import (
     DataCheckFailed,
@@ -54,10 +54,10 @@ from trainguard.run.guards import (
     free_memory,
 )
 from trainguard.run.heartbeat import TRAIN, Phase
+from trainguard.run.loaders import DataLoaderPosition
 from trainguard.run.metrics import RESERVED, fmt_seconds, open_sinks, to_number
 from trainguard.run.session import Session
 from trainguard.run.signals import Preempted
-from trainguard.run.loaders import DataLoaderPosition
 from trainguard.run.state import RUN_KEY, RunCounters, build_state
 
 log = logging.getLogger("trainguard.run")
@@ -492,7 +492,8 @@ class Run(EpochLoop, BestCheckpoint):
             self._feed.reset()  # the data position was restored: iterate from there
         s.metrics.begin(restored, self.total, self._counters.samples)
         s.heartbeat.progress(restored)
-        replay = ("its batch will be skipped" if self._feed is not None or self._epochs_active else
+        skips = self._feed is not None or self._epochs_active
+        replay = ("its batch will be skipped" if skips else
                   "pass data= to run.steps() to skip its batch; the same batches are replayed")
         log.warning("%s at step %d: rolled back to step %d (rollback %d of %d); %s",
                     what, step, restored, used + 1, cfg.max_rollbacks, replay)

@@ -19,9 +19,8 @@ global torch RNG) cannot shift them.
 
 from __future__ import annotations
 
-from typing import Any
-
 import types
+from typing import Any
 
 import torch
 
