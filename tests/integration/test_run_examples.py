@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.integration.run_scripts.attempts import shared_server
 from trainguard import CheckpointManager
 from trainguard.run import EXIT_RESUME
 
@@ -15,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _example(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, f"examples/{name}", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    """Run an example as ``python examples/NAME ARGS`` would, in a fork of the shared fork
+    server (torch imported once); its stderr is collected from a file."""
+    script = str(ROOT / "examples" / name)
+    with tempfile.NamedTemporaryFile(suffix=".stderr") as err:
+        attempt = shared_server().start([script, *args], script=script, stderr=Path(err.name))
+        out, _ = attempt.communicate(timeout=300)
+        return subprocess.CompletedProcess([script, *args], attempt.returncode, out,
+                                           Path(err.name).read_text())
 
 
 def test_digits_example_preempts_then_resumes(tmp_path):

@@ -64,6 +64,31 @@ def test_lock_is_exclusive_and_names_holder(tmp_path):
     store.lock(".lock").acquire().release()
 
 
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_lets_go(tmp_path):
+    """DataLoader workers are forks of the writer: killed, its workers lived on holding
+    the flock, and the restarted writer found its run directory locked."""
+    store = LocalStore(tmp_path)
+    lock = store.lock(".lock").acquire()
+    go, stay = os.pipe()
+    up, started = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "worker": up and running, alive until the parent closes the pipe
+        os.close(stay)
+        os.write(started, b"1")
+        os.read(go, 1)
+        os._exit(0)
+    os.close(go)
+    os.close(started)
+    try:
+        assert os.read(up, 1) == b"1"
+        lock.release()  # as the kernel does for a killed writer
+        store.lock(".lock").acquire().release()  # the next writer is not refused
+    finally:
+        os.close(stay)
+        os.close(up)
+        os.waitpid(pid, 0)
+
+
 def test_open_store_accepts_paths_and_file_urls(tmp_path):
     assert isinstance(open_store(tmp_path), LocalStore)
     assert open_store(f"file://{tmp_path}").url == str(tmp_path)

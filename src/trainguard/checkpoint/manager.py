@@ -48,7 +48,7 @@ from trainguard.checkpoint.format import (
     step_dir,
 )
 from trainguard.checkpoint.mirror import Mirror
-from trainguard.checkpoint.retention import RetentionPolicy
+from trainguard.checkpoint.retention import RetentionPolicy, keep_best
 from trainguard.checkpoint.saving import FailedSaves, FinalPieces, SaveHandle, SaveJob
 from trainguard.checkpoint.snapshot import ChangeTracker, HostArena, Location
 from trainguard.checkpoint.tree import flatten_with_fresh, restore_into
@@ -74,7 +74,11 @@ class CheckpointInfo:
     Attributes:
         step: the step in the directory name.
         key: the store key of the directory.
-        manifest: the parsed manifest, or None when missing/unreadable.
+        manifest: the parsed ``manifest.json`` as a :class:`~trainguard.checkpoint.format.
+            Manifest` (attributes, not a dict: ``.metrics``, ``.tags``, ``.reason``,
+            ``.created_at``, ``.files``, ``.versions``), or None when missing/unreadable.
+            ``info.metrics``, ``info.tags``, ``info.reason`` read the same fields and
+            work without a manifest too.
         problem: None when the checkpoint is valid, else why it is not.
     """
 
@@ -96,6 +100,10 @@ class CheckpointInfo:
     @property
     def metrics(self) -> dict:
         return self.manifest.metrics if self.manifest else {}
+
+    @property
+    def tags(self) -> dict:
+        return self.manifest.tags if self.manifest else {}
 
     @property
     def reason(self) -> str:
@@ -142,6 +150,20 @@ def _resumable(info: CheckpointInfo) -> bool:
 def _sharded(manifest: Manifest) -> bool:
     """Whether the checkpoint was written through torch.distributed.checkpoint."""
     return "dcp-metadata.json" in manifest.files  # distributed.DCP_METADATA (no import cycle)
+
+
+def best_of(infos: Iterable[CheckpointInfo], metric: str,
+            mode: str = "min") -> CheckpointInfo | None:
+    """The valid checkpoint with the best ``metric``: the one ``keep_best(1, metric,
+    mode)`` keeps (error checkpoints and non-finite values never count; the newest wins
+    a tie), or None when no valid checkpoint has the metric.
+
+    Raises:
+        ValueError: ``mode`` is not "min" or "max", or ``metric`` is empty.
+    """
+    valid = [info for info in infos if info.valid]
+    steps = keep_best(1, metric, mode).keep(valid)
+    return next((info for info in valid if info.step in steps), None)
 
 
 def _hashed(chunks: Iterable[memoryview], hasher: Hasher) -> Iterator[memoryview]:
@@ -494,6 +516,16 @@ class CheckpointManager:
                 return CheckpointInfo(step, key, manifest,
                                       f"{label}: size {actual} bytes, manifest says {size}")
         return CheckpointInfo(step, key, manifest)
+
+    def best(self, metric: str, mode: str = "min") -> CheckpointInfo | None:
+        """The valid checkpoint with the best ``metric`` (``mode`` "min" or "max"), as
+        :func:`best_of` picks it; None when no checkpoint recorded the metric.
+        ``restore(state, step=mgr.best("val_loss").step)`` loads it.
+
+        Raises:
+            ValueError: a bad ``mode`` or an empty ``metric``.
+        """
+        return best_of(self.list(), metric, mode)
 
     def latest_valid(self) -> CheckpointInfo | None:
         """The newest checkpoint that passes the cheap check, or None.

@@ -62,6 +62,7 @@ cli.add_command(data_group)
 for _command in (run_command, ps_command, status_command, logs_command, stop_command,
                  sync_command, preflight_command):
     cli.add_command(_command)
+from trainguard.cli import export  # noqa: E402,F401  registers `trainguard export`
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 ``Run`` resumes, saves on a cadence, handles preemption and errors, writes heartbeats
 and metrics, and guards against non-finite losses, OOM and bad data. ``ResumableLoader``
-makes the data position part of the checkpoint. See docs/run.md.
+(or a tracked plain ``DataLoader``) makes the data position part of the checkpoint;
+``run.epochs()`` / ``run.batches()`` resume epoch loops mid-epoch. See docs/run.md.
 """
 
 from trainguard.run.config import EXIT_RESUME, RunConfig

@@ -99,12 +99,11 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.position = epoch, 0
         self._generation += 1
 
-    def _normalize(self) -> None:
-        if self.position >= self.size:  # finished, but nobody asked for the next epoch yet
-            self.epoch, self.position = self.epoch + 1, 0
-
     def __iter__(self) -> Iterator[int]:
-        self._normalize()
+        # Restored at the end of an epoch (position == size), this yields nothing and
+        # then moves to the next epoch: what the interrupted loop's next call would have
+        # seen. Code that re-creates its iterator at StopIteration (and draws a worker
+        # seed from the global RNG then) does so at the same step as an uninterrupted run.
         generation, epoch = self._generation, self.epoch
         order = self.order(epoch).tolist()
         while self.position < self.size:
@@ -272,6 +271,15 @@ class BatchFeed:
     def reset(self) -> None:
         """Iterate afresh (after a restore moved the data position)."""
         self._iter = None
+
+    def prime(self) -> None:
+        """Create the iterator now, before the restored RNG streams are set: what it
+        draws to resume (a DataLoader draws a worker seed at ``iter()``) is then
+        overwritten, as an uninterrupted run made no such draw mid-epoch. A resumed
+        position at an epoch's end yields nothing first, so the next epoch's iterator
+        is made after the streams are set, where the uninterrupted run made it."""
+        if self._iter is None:
+            self._iter = iter(self.data)
 
     def next(self, step: int, total: int) -> Any:
         """The batch of ``step``; data checks run on it before the loop sees it."""

@@ -17,8 +17,12 @@ What it guarantees (each one is tested):
   :class:`Preempted` (exit code :data:`EXIT_RESUME`).
 * Errors: an exception commits the state as ``reason="error"`` (never "best") and is
   re-raised unchanged; memory is freed (gc, CUDA cache) on the way out.
-* Exactness: with the RNG streams and a :class:`ResumableLoader` in the state, a run
-  killed at any instant and restarted ends bit-identical to one never interrupted.
+* Exactness: with the RNG streams and the data position in the state (a tracked plain
+  DataLoader, a :class:`ResumableLoader`...), a run killed at any instant and restarted
+  ends bit-identical to one never interrupted. The RNG streams are set where the first
+  resumed step starts, not in ``track()``.
+* Epochs: ``run.epochs()`` / ``run.batches()`` resume mid-epoch; each epoch's end is a
+  save point (see :mod:`trainguard.run.epochs`).
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ import torch
 from trainguard.checkpoint import CheckpointInfo, CheckpointManager
 from trainguard.checkpoint.tree import is_stateful
 from trainguard.errors import CheckpointNotFound
+from trainguard.run.best import BestCheckpoint
 from trainguard.run.commits import parameters_finite
 from trainguard.run.config import EXIT_RESUME, RunConfig
 from trainguard.run.data import BatchFeed
+from trainguard.run.epochs import EpochLoop, EpochPosition
 from trainguard.run.guards import (
     DataCheckFailed,
     MicroBatcher,
@@ -48,10 +54,11 @@ from trainguard.run.guards import (
     free_memory,
 )
 from trainguard.run.heartbeat import TRAIN, Phase
+from trainguard.run.loaders import DataLoaderPosition
 from trainguard.run.metrics import RESERVED, fmt_seconds, open_sinks, to_number
 from trainguard.run.session import Session
 from trainguard.run.signals import Preempted
-from trainguard.run.state import RunCounters, build_state
+from trainguard.run.state import RUN_KEY, RunCounters, build_state
 
 log = logging.getLogger("trainguard.run")
 RUN_DIR_ENV = "TRAINGUARD_RUN_DIR"
@@ -73,7 +80,7 @@ def _run_dir(store: Any) -> Any:
     return store
 
 
-class Run:
+class Run(EpochLoop, BestCheckpoint):
     """Guards a training loop: resume, cadence, preemption, errors, heartbeats, logs.
 
     Args:
@@ -105,6 +112,11 @@ class Run:
         self._micro = MicroBatcher(on_change=self._on_oom)
         self._checks: list = []
         self._feed: BatchFeed | None = None
+        self._epoch = EpochPosition()
+        self._epochs_active = False  # inside run.epochs()
+        self._batches_used = False  # run.batches() ran in this epoch
+        self._epoch_range: tuple[int, int] | None = None  # (current epoch, stop)
+        self._positions: dict[int, DataLoaderPosition] = {}  # id(DataLoader) -> position
         #: The step this process resumed from (0 for a fresh start).
         self.start_step = 0
         #: The ``total`` of the current ``run.steps()`` loop.
@@ -224,9 +236,15 @@ class Run:
     def track(self, **objects: Any) -> int:
         """Register what to checkpoint, then resume from the newest valid checkpoint.
 
+        The RNG streams are not set here: they are set where the first resumed step
+        starts (see :meth:`steps`, :meth:`epochs`), so nothing the script does before its
+        loop can shift them.
+
         Args:
             **objects: named objects restored in place: modules, optimizers, schedulers,
-                GradScalers, samplers/loaders, tensors, dicts or lists of plain values.
+                GradScalers, samplers/loaders (a plain ``DataLoader`` too), tensors, dicts
+                or lists of plain values, and simple objects such as an
+                ``argparse.Namespace`` (their attributes are set back).
 
         Returns:
             The step resumed from (0 for a fresh start).
@@ -239,8 +257,11 @@ class Run:
         s = self._open("track()")
         if self._state is not None:
             raise RuntimeError("run.track() was already called; call it once with every object")
-        self._state = build_state(objects, {"run": self._counters, "micro_batch": self._micro},
+        self._state = build_state(objects, {"run": self._counters, "epoch": self._epoch,
+                                            "micro_batch": self._micro},
                                   self.config.capture_rng)
+        self._positions = {id(obj.loader): obj for obj in self._state.values()
+                           if isinstance(obj, DataLoaderPosition)}
         self._checks = [check.fresh() for check in self.config.data_checks]
         self._resume(s)
         s.metrics.sinks = open_sinks(s.dir, self.config.tensorboard, self.config.wandb,
@@ -309,13 +330,19 @@ class Run:
             raise ValueError(f"total must be an int >= 0 (the last step), got {total!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+        if self._epochs_active:
+            raise RuntimeError("run.steps() inside run.epochs(): loop over run.batches(data) "
+                               "in each epoch instead")
         if data is not None and is_stateful(data) and not any(
                 obj is data for obj in self._state.values()):
             raise ValueError("data= holds a position that must be checkpointed: track it too, "
                              "run.track(..., data=loader)")
-        if isinstance(data, torch.utils.data.DataLoader):
-            log.warning("data= is a plain DataLoader: its position is not checkpointed, so a "
-                        "resumed run restarts the epoch; use trainguard.ResumableLoader")
+        if id(data) in self._positions:
+            data = self._positions[id(data)]  # a tracked plain DataLoader: resumes by indices
+        elif isinstance(data, torch.utils.data.DataLoader) and not is_stateful(data):
+            log.warning("data= is a DataLoader that was not tracked: its position is not "
+                        "checkpointed, so a resumed run restarts the epoch; track it, "
+                        "run.track(..., data=loader)")
         self.total = total
         return self._loop(s, total, data, batch_size)
 
@@ -336,6 +363,8 @@ class Run:
                 return
             if self._done >= total:
                 return
+            if self._feed is not None and self._rng_pending():
+                self._feed.prime()
             step = self._begin(s, self._done + 1)
             if self._feed is None:
                 self._batch_samples = batch_size or 0
@@ -346,7 +375,18 @@ class Run:
                 yield step, batch
             self._end(s, step)
 
+    def _rng_pending(self) -> bool:
+        rng = self._state[RUN_KEY].get("rng") if self._state is not None else None
+        return rng is not None and rng.pending
+
+    def _apply_rng(self) -> None:
+        """Set the restored RNG streams, once, where the first resumed step starts."""
+        rng = self._state[RUN_KEY].get("rng") if self._state is not None else None
+        if rng is not None:
+            rng.apply()
+
     def _begin(self, s: Session, step: int) -> int:
+        self._apply_rng()  # before the step's batch is fetched (steps(data=...) fetches next)
         self._current, self._in_step = step, True
         self._step_values, self._nonfinite, self._phase_ran = {}, None, False
         if s.heartbeat.snapshot()["phase"] != TRAIN:
@@ -360,9 +400,10 @@ class Run:
         self._counters.samples += self._batch_samples
         self._open("steps()").heartbeat.progress(step)
 
-    def _end(self, s: Session, step: int) -> None:
-        # After a preemption signal the loop's next turn saves, as "preempted".
-        reason = None if self.preempted else s.commits.due(step, self.total)
+    def _end(self, s: Session, step: int, defer: bool = False) -> None:
+        # After a preemption signal the loop's next turn saves, as "preempted". `defer`:
+        # an epoch's last step, whose save is the epoch end's (one checkpoint per step).
+        reason = None if self.preempted or defer else s.commits.due(step, self.total)
         if self._nonfinite is not None:
             self._rollback(s, step, f"{self.config.nonfinite_metric} is {self._nonfinite}")
             return
@@ -451,7 +492,8 @@ class Run:
             self._feed.reset()  # the data position was restored: iterate from there
         s.metrics.begin(restored, self.total, self._counters.samples)
         s.heartbeat.progress(restored)
-        replay = ("its batch will be skipped" if self._feed is not None else
+        skips = self._feed is not None or self._epochs_active
+        replay = ("its batch will be skipped" if skips else
                   "pass data= to run.steps() to skip its batch; the same batches are replayed")
         log.warning("%s at step %d: rolled back to step %d (rollback %d of %d); %s",
                     what, step, restored, used + 1, cfg.max_rollbacks, replay)
@@ -524,9 +566,9 @@ class Run:
         if metric in converted and not math.isfinite(converted[metric]):
             self._nonfinite = converted[metric]
         s.metrics.add(converted)
-        if self._in_step:
+        if self._in_step or self._epochs_active:  # epoch-end values: the epoch's checkpoint
             self._step_values.update(converted)
-        else:
+        if not self._in_step:
             s.metrics.line(self._done, self._counters.samples)
 
     @contextmanager

@@ -14,11 +14,31 @@ import json
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 from trainguard.errors import LockHeld
 
 _FLOCK_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
+_HELD: weakref.WeakSet = weakref.WeakSet()  # locks this process holds
+
+
+def _drop_in_child() -> None:
+    """A forked child (a DataLoader worker) shares its parent's open lock file, and with
+    it the flock: after the parent is killed, its workers would keep the run locked
+    until they noticed. The child closes its copy; the parent's lock is untouched."""
+    for lock in list(_HELD):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_in_child)
 
 
 def pid_alive(pid: int) -> bool:
@@ -93,6 +113,7 @@ class FileLock:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         os.fsync(fd)
         self._fd = fd
+        _HELD.add(self)
         return self
 
     @staticmethod
@@ -107,6 +128,7 @@ class FileLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        _HELD.discard(self)
         try:
             os.ftruncate(fd, 0)
         except OSError:

@@ -1,30 +1,31 @@
 """Helpers for the parent side of the Run integration tests: start ``train_tiny`` in a
-real subprocess, follow its stdout, and read what it committed."""
+real (forked) subprocess, follow its stdout, and read what it committed."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
 
+from tests.integration.run_scripts.attempts import Attempt, shared_server
 from trainguard import CheckpointManager
 
 ROOT = Path(__file__).resolve().parents[3]
 MODULE = "tests.integration.run_scripts.train_tiny"
 
 
-def start(run_dir: Path, *args: str, stderr_path: Path | None = None) -> subprocess.Popen:
-    """Start train_tiny on ``run_dir``; its stderr goes to ``stderr_path`` (or is dropped)."""
-    err = open(stderr_path, "a") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen([sys.executable, "-m", MODULE, str(run_dir), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=err, text=True)
+def start(run_dir: Path, *args: str, stderr_path: Path | None = None) -> Attempt:
+    """Start train_tiny on ``run_dir``, a fork of the shared fork server (torch imported
+    once, see forkserver.py), with ``subprocess.Popen``'s interface; its stderr goes to
+    ``stderr_path`` (or is dropped)."""
+    return shared_server().start([MODULE, str(run_dir), *args], module=MODULE,
+                                 stderr=stderr_path or Path(os.devnull))
 
 
-def read_until(proc: subprocess.Popen, match: Callable[[str], bool]) -> str:
+def read_until(proc: Attempt, match: Callable[[str], bool]) -> str:
     """Read stdout lines until one matches; fails the test if the child exits first."""
     assert proc.stdout is not None
     for line in proc.stdout:

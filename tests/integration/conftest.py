@@ -1,0 +1,13 @@
+"""Fixtures of the integration tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.run_scripts.attempts import ForkServer, shared_server
+
+
+@pytest.fixture
+def fork_server() -> ForkServer:
+    """The session's fork server: torch imported once, each attempt a fork."""
+    return shared_server()
