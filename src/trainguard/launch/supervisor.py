@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from trainguard.checkpoint import CheckpointManager
 from trainguard.launch.jobs import JobTable
 from trainguard.launch.torchrun import (
     ENV_EXITS,
@@ -268,6 +267,9 @@ class Supervisor:
 
 
 def _latest_commit(run_dir: str):
+    # torch loads here, at the first look for a commit: the CLI's launcher side runs without it
+    from trainguard.checkpoint import CheckpointManager
+
     try:
         return CheckpointManager(run_dir).latest_valid()
     except Exception as exc:  # a run dir being written; never fatal to the supervisor
