@@ -141,3 +141,30 @@ def test_the_local_modal_control_plane_starts_without_torch(tmp_path, env):
     assert first.startswith("MODAL_SERVER_URL="), first
     assert "trainguard.testing.modal_local.servicer" in modules
     assert heavy(modules, ("torch", "numpy", "safetensors")) == []
+
+
+SUPERVISE = textwrap.dedent("""
+    import subprocess, sys
+    from trainguard.launch import JobSpec, JobTable, RetryPolicy, Supervisor
+
+    spawned = subprocess.Popen
+    def popen(*args, **kwargs):  # what the supervisor has loaded when an attempt starts
+        print("checkpoint layer loaded:", "trainguard.checkpoint.manager" in sys.modules)
+        return spawned(*args, **kwargs)
+    subprocess.Popen = popen
+    table = JobTable(sys.argv[1])
+    job_id = table.create(JobSpec(sys.argv[2], (), run_dir=sys.argv[3], retry=RetryPolicy(0)))
+    print("status:", Supervisor(table, job_id, poll=0.05).run())
+""")
+
+
+def test_the_supervisor_loads_the_checkpoint_layer_before_an_attempt_starts(tmp_path, env):
+    # Loaded at its first look for a commit instead, it would compete with the attempt's
+    # start-up and stall the hang clock for seconds.
+    (tmp_path / "ok.py").write_text("print('ok')\n")
+    (tmp_path / "supervise.py").write_text(SUPERVISE)
+    proc = subprocess.run([sys.executable, str(tmp_path / "supervise.py"), env["TRAINGUARD_HOME"],
+                           str(tmp_path / "ok.py"), str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.splitlines() == ["checkpoint layer loaded: True", "status: succeeded"], \
+        proc.stdout + proc.stderr[-2000:]
