@@ -5,49 +5,70 @@ object store, a guard around the training loop (``Run``), jobs that survive thei
 launcher (``trainguard run``), and data gates that stop doomed runs before they start.
 """
 
+from typing import TYPE_CHECKING
+
+from trainguard._lazy import lazy_exports
 from trainguard._version import __version__
 
-from trainguard.checkpoint import (  # noqa: E402
-    CheckpointInfo,
-    CheckpointManager,
-    RetentionPolicy,
-    RNGState,
-    SaveHandle,
-    keep_any,
-    keep_best,
-    keep_every,
-    keep_last,
-    keep_newer_than,
-)
-from trainguard.data import DataGate  # noqa: E402
-from trainguard.errors import (  # noqa: E402
-    CheckpointCorrupt,
-    CheckpointError,
-    CheckpointExists,
-    CheckpointNotFound,
-    DataGateFailed,
-    LockHeld,
-    RunDirError,
-    StateMismatch,
-    StoreError,
-    TrainguardError,
-)
-from trainguard.run import (  # noqa: E402
-    EXIT_RESUME,
-    DataCheckFailed,
-    HeartbeatRecord,
-    NonFiniteLoss,
-    Preempted,
-    ResumableLoader,
-    ResumableSampler,
-    Run,
-    RunConfig,
-    expect_all,
-    expect_any,
-    expect_mean,
-    read_heartbeat,
-)
-from trainguard.store import LocalStore, ObjectStore, Store, open_store  # noqa: E402
+# Each name loads on first use (PEP 562): `import trainguard` and the CLI's job commands
+# need no torch. The TYPE_CHECKING imports say the same for type checkers and readers;
+# tests/unit/test_public_api.py checks that both agree.
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {
+    "trainguard.checkpoint": ("CheckpointInfo", "CheckpointManager", "RetentionPolicy",
+                              "RNGState", "SaveHandle", "keep_any", "keep_best", "keep_every",
+                              "keep_last", "keep_newer_than"),
+    "trainguard.data": ("DataGate",),
+    "trainguard.errors": ("CheckpointCorrupt", "CheckpointError", "CheckpointExists",
+                          "CheckpointNotFound", "DataGateFailed", "LockHeld", "RunDirError",
+                          "StateMismatch", "StoreError", "TrainguardError"),
+    "trainguard.run": ("EXIT_RESUME", "DataCheckFailed", "HeartbeatRecord", "NonFiniteLoss",
+                       "Preempted", "ResumableLoader", "ResumableSampler", "Run", "RunConfig",
+                       "expect_all", "expect_any", "expect_mean", "read_heartbeat"),
+    "trainguard.store": ("LocalStore", "ObjectStore", "Store", "open_store"),
+})
+
+if TYPE_CHECKING:
+    from trainguard.checkpoint import (
+        CheckpointInfo,
+        CheckpointManager,
+        RetentionPolicy,
+        RNGState,
+        SaveHandle,
+        keep_any,
+        keep_best,
+        keep_every,
+        keep_last,
+        keep_newer_than,
+    )
+    from trainguard.data import DataGate
+    from trainguard.errors import (
+        CheckpointCorrupt,
+        CheckpointError,
+        CheckpointExists,
+        CheckpointNotFound,
+        DataGateFailed,
+        LockHeld,
+        RunDirError,
+        StateMismatch,
+        StoreError,
+        TrainguardError,
+    )
+    from trainguard.run import (
+        EXIT_RESUME,
+        DataCheckFailed,
+        HeartbeatRecord,
+        NonFiniteLoss,
+        Preempted,
+        ResumableLoader,
+        ResumableSampler,
+        Run,
+        RunConfig,
+        expect_all,
+        expect_any,
+        expect_mean,
+        read_heartbeat,
+    )
+    from trainguard.store import LocalStore, ObjectStore, Store, open_store
 
 __all__ = [
     "CheckpointCorrupt",

@@ -82,9 +82,22 @@ def test_detached_job_survives_its_launcher_process_group(home, tmp_path):
     assert CheckpointManager(run_dir).latest_valid().step == 40
 
 
+def attempt_seconds(tmp_path) -> int:
+    """Whole seconds an attempt needs to start and make progress here: twice what a run of
+    the job for one step takes (importing torch alone: seconds on a loaded 2-core machine)
+    plus 2, at least 3."""
+    env = {**os.environ, "TRAINGUARD_RUN_DIR": str(tmp_path / "probe")}
+    started = time.monotonic()
+    subprocess.run([sys.executable, JOB, "--steps", "1", "--sleep", "0"], cwd=ROOT, env=env,
+                   check=True, capture_output=True, timeout=180)
+    return max(3, int(2 * (time.monotonic() - started)) + 2)
+
+
 def test_a_hang_is_killed_and_retried(home, tmp_path):
-    result = tg("run", JOB, "--run-dir", tmp_path / "run", "--hang-timeout", "3s",
-                "--stop-grace", "2s", "--retry-delay", "0", "--", "--steps", 20, "--hang-at", 7)
+    # The hang clock runs from the attempt's start until its first heartbeat.
+    result = tg("run", JOB, "--run-dir", tmp_path / "run", "--hang-timeout",
+                f"{attempt_seconds(tmp_path)}s", "--stop-grace", "2s", "--retry-delay", "0", "--",
+                "--steps", 20, "--hang-at", 7)
     assert result.returncode == 0, result.stderr + result.stdout
     job_id = result.stdout.split()[1]
     reasons = [a.reason for a in JobTable().attempts(job_id)]
@@ -92,8 +105,10 @@ def test_a_hang_is_killed_and_retried(home, tmp_path):
 
 
 def test_a_timeout_is_retried_and_resumes(home, tmp_path):
-    result = tg("run", JOB, "--run-dir", tmp_path / "run", "--timeout", "4s", "--retries", 5,
-                "--retry-delay", "0", "--", "--steps", 60, "--sleep", 0.1)
+    timeout = attempt_seconds(tmp_path)
+    steps = int(timeout / 0.1) + 20  # more work than one attempt has time for
+    result = tg("run", JOB, "--run-dir", tmp_path / "run", "--timeout", f"{timeout}s",
+                "--retries", 5, "--retry-delay", "0", "--", "--steps", steps, "--sleep", 0.1)
     assert result.returncode == 0, result.stderr + result.stdout
     job_id = result.stdout.split()[1]
     attempts = JobTable().attempts(job_id)

@@ -1,5 +1,10 @@
 """The public surface is explicit: a change to it is a decision, not an accident."""
 
+import ast
+import importlib
+
+import pytest
+
 import trainguard
 
 EXPECTED = [
@@ -25,3 +30,28 @@ def test_every_error_derives_from_the_root_and_has_an_exit_code():
               and issubclass(getattr(trainguard, n), trainguard.TrainguardError)]
     assert len(errors) >= 10
     assert all(isinstance(e.exit_code, int) and e.exit_code > 0 for e in errors)
+
+
+LAZY_PACKAGES = ["trainguard", "trainguard.checkpoint", "trainguard.launch", "trainguard.run"]
+
+
+def _type_checking_imports(package) -> dict[str, str]:
+    """name -> module, from the package's ``if TYPE_CHECKING:`` imports."""
+    tree = ast.parse(open(package.__file__).read())
+    block = next(node for node in tree.body if isinstance(node, ast.If)
+                 and getattr(node.test, "id", None) == "TYPE_CHECKING")
+    return {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom)
+            for alias in node.names}
+
+
+@pytest.mark.parametrize("name", LAZY_PACKAGES)
+def test_lazy_names_resolve_to_what_the_type_checking_imports_say(name):
+    package = importlib.import_module(name)
+    declared = _type_checking_imports(package)
+    assert sorted(declared) == sorted(n for n in package.__all__ if n != "__version__")
+    for attr, module in declared.items():
+        assert getattr(package, attr) is getattr(importlib.import_module(module), attr), attr
+    assert set(package.__all__) <= set(dir(package))
+    assert not hasattr(package, "no_such_name")
+    with pytest.raises(AttributeError, match=f"module '{name}' has no attribute 'Nope'"):
+        package.Nope  # noqa: B018

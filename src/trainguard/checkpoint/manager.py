@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from trainguard._units import human_bytes  # noqa: F401 -- also imported from here
 from trainguard.checkpoint.format import (
     CHECKPOINTS_DIR,
     MANIFEST,
@@ -728,12 +729,3 @@ class CheckpointManager:
 def _newest(infos: list[CheckpointInfo]) -> int | None:
     steps = [i.step for i in infos if i.valid]
     return max(steps) if steps else None
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

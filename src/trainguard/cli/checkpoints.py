@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
 import click
 
-from trainguard.checkpoint import CheckpointInfo, CheckpointManager
-from trainguard.checkpoint.format import CHECKPOINTS_DIR
-from trainguard.checkpoint.manager import human_bytes
+from trainguard._units import human_bytes
 from trainguard.checkpoint import retention
 from trainguard.errors import RunDirError
+
+if TYPE_CHECKING:
+    from trainguard.checkpoint import CheckpointInfo, CheckpointManager
 
 
 def open_run(run_dir: str) -> tuple[CheckpointManager, list[CheckpointInfo]]:
@@ -21,6 +23,10 @@ def open_run(run_dir: str) -> tuple[CheckpointManager, list[CheckpointInfo]]:
     Raises:
         RunDirError: missing, not a directory, or holding no checkpoints.
     """
+    # Here, not at the top: torch loads only for the commands that read checkpoints.
+    from trainguard.checkpoint import CheckpointManager
+    from trainguard.checkpoint.format import CHECKPOINTS_DIR
+
     if "://" not in run_dir:
         if not os.path.exists(run_dir):
             raise RunDirError(f"run directory {run_dir} does not exist; check the path")
@@ -37,6 +43,8 @@ def open_run(run_dir: str) -> tuple[CheckpointManager, list[CheckpointInfo]]:
 
 
 def _tiers(run_dir: str, mirror: str) -> dict:
+    from trainguard.checkpoint import CheckpointManager
+
     manager = CheckpointManager(run_dir, mirror=mirror)
     try:
         return manager.tiers()

@@ -10,7 +10,7 @@ import time
 
 import click
 
-from trainguard.checkpoint.manager import human_bytes
+from trainguard._units import human_bytes
 from trainguard.errors import TrainguardError
 from trainguard.launch import (
     JobSpec,
@@ -19,8 +19,6 @@ from trainguard.launch import (
     format_duration,
     launch,
     parse_duration,
-    sync_once,
-    watch,
 )
 from trainguard.launch.jobs import FINAL
 from trainguard.store.lock import pid_alive
@@ -416,6 +414,8 @@ def _stop_orphan(table: JobTable, job: dict, now: bool) -> None:
 def sync_command(source: str, dest: str, every: float | None, keep: int) -> None:
     """Copy the newest committed checkpoint of SOURCE (a run dir, store URL or job id)
     to DEST, where it appears whole or not at all, and verify it there."""
+    from trainguard.launch import sync_once, watch
+
     if "://" not in source and not os.path.exists(source):
         table = JobTable()
         source = table.get(table.resolve(source))["run_dir"]

@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from trainguard.checkpoint import CheckpointManager
 from trainguard.launch.jobs import JobTable
 from trainguard.launch.torchrun import (
     ENV_EXITS,
@@ -95,6 +94,7 @@ class Supervisor:
 
     def run(self) -> str:
         """Run attempts until the job ends; returns its final status."""
+        _load_checkpoint_layer()
         if threading_is_main():
             self._install_signal_handlers()
         self.table.update(self.job_id, status="running", supervisor_pid=os.getpid())
@@ -267,7 +267,20 @@ class Supervisor:
         return last_progress
 
 
+def _load_checkpoint_layer() -> None:
+    """Import what reading commits needs (torch: seconds) before the first attempt starts.
+
+    Imported at the first look for a commit instead, it would compete with the attempt's
+    own start-up for the CPUs and stall the hang clock. Not at module level: the launcher
+    side of ``trainguard run`` (``--detach``, ``--help``) imports this module and supervises
+    nothing.
+    """
+    import trainguard.checkpoint.manager  # noqa: F401
+
+
 def _latest_commit(run_dir: str):
+    from trainguard.checkpoint import CheckpointManager
+
     try:
         return CheckpointManager(run_dir).latest_valid()
     except Exception as exc:  # a run dir being written; never fatal to the supervisor

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainguard._units import human_bytes
 from trainguard.preflight.imports import ImportClosure
 
 
@@ -248,8 +249,6 @@ def check_store(store, probe: str = ".trainguard-preflight") -> CheckResult:
 def check_disk(path: str | os.PathLike, checkpoint_bytes: int, count: int = 2,
                usage: Callable[[str], object] = shutil.disk_usage) -> CheckResult:
     """Free space at ``path`` holds ``count`` checkpoints of ``checkpoint_bytes`` each."""
-    from trainguard.checkpoint.manager import human_bytes
-
     probe = Path(path).absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

@@ -37,16 +37,9 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from trainguard.checkpoint import CheckpointInfo, CheckpointManager, SaveHandle
-from trainguard.checkpoint.distributed import is_sharded, restore_state_sharded
 from trainguard.checkpoint.saving import FailedSaves
-from trainguard.checkpoint.sharded_saving import (
-    HostStager,
-    describe_failure,
-    start_save_state_sharded,
-)
 from trainguard.checkpoint.tree import flatten
 from trainguard.errors import CheckpointCorrupt, CheckpointNotFound, StateMismatch
 
@@ -134,6 +127,9 @@ class DistributedManager:
     def __init__(self, manager: CheckpointManager, timeout: float | None = None) -> None:
         import torch.distributed as dist
 
+        # DCP (seconds of imports) loads in multi-process runs only, never in one process
+        from trainguard.checkpoint.sharded_saving import HostStager
+
         self.inner = manager
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         seconds = timeout or float(os.environ.get(CKPT_TIMEOUT_ENV, _DEFAULT_TIMEOUT))
@@ -166,6 +162,8 @@ class DistributedManager:
         self._saves.drain()
 
     def _raise_pending(self) -> None:
+        from trainguard.checkpoint.sharded_saving import describe_failure
+
         self._saves.raise_pending(
             lambda save: f"sharded save of step {save.step} failed in the background: "
                          f"{describe_failure(save.error)}; nothing of it is committed")
@@ -224,6 +222,8 @@ class DistributedManager:
             CheckpointError: the previous background sharded save failed (raised once,
                 on every rank), or (``blocking``) this one did.
         """
+        from trainguard.checkpoint.sharded_saving import start_save_state_sharded
+
         if reason == "error":
             # Under torchrun an error is most often a peer that died mid-step: this rank's
             # state is then half a step (RNG drawn, no update), not worth resuming from.
@@ -308,6 +308,11 @@ class DistributedManager:
         return found
 
     def _restore_sharded(self, state: dict, step: int | None) -> int:
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from trainguard.checkpoint.distributed import is_sharded, restore_state_sharded
+        from trainguard.checkpoint.sharded_saving import describe_failure
+
         # Rank 0 picks the candidates, (step, tier) newest first, so every rank reads the
         # same checkpoint from the same tier (the mirror's when the primary lost it).
         candidates = None
