@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import click
 
-from trainguard.checkpoint import CheckpointInfo, CheckpointManager
-from trainguard.checkpoint.manager import human_bytes
+from trainguard._units import human_bytes
 from trainguard.cli import cli
 from trainguard.cli.checkpoints import open_run
 from trainguard.errors import CheckpointNotFound
+
+if TYPE_CHECKING:  # the checkpoint layer (torch) loads when the command runs
+    from trainguard.checkpoint import CheckpointInfo, CheckpointManager
 
 RUN_ENTRY = "trainguard"  # the Run's own entry (trainguard.run.state.RUN_KEY): never a model
 
