@@ -1,13 +1,15 @@
 """kill -9 of a saving process at random instants never leaves a checkpoint that loads
-wrongly, and never loses one that was reported committed."""
+wrongly, and never loses one that was reported committed.
+
+Each saver is a real process forked from the session's fork server (torch imported
+once), killed with a real SIGKILL: 50 fresh interpreters would spend most of the test
+importing torch."""
 
 from __future__ import annotations
 
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,33 +18,31 @@ import torch
 from tests.integration.saver import empty_state, state_for
 from trainguard import CheckpointManager
 
-ROOT = Path(__file__).resolve().parents[2]
 TRIALS = int(os.environ.get("TRAINGUARD_KILL_TRIALS", "50"))
 
 
-def _run_and_kill(run_dir: Path, delay: float) -> list[int]:
+def _run_and_kill(server, run_dir: Path, delay: float, log: Path) -> list[int]:
     """Start a saver, kill -9 it ``delay`` seconds after it is ready; return the steps it
     reported committed."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.saver", str(run_dir)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = server.start(["saver", str(run_dir)], module="tests.integration.saver", stderr=log)
     try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        assert next(proc.lines()) == "ready", log.read_text()[-3000:]
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL, err
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     return [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
 
 
-def test_kill9_at_random_instants(tmp_path):
+def test_kill9_at_random_instants(tmp_path, fork_server):
     rng = random.Random(1234)
     run_dir = tmp_path / "run"
     highest_reported = -1
     for trial in range(TRIALS):
-        reported = _run_and_kill(run_dir, delay=rng.uniform(0.0, 0.4))
+        reported = _run_and_kill(fork_server, run_dir, rng.uniform(0.0, 0.4), tmp_path / "log")
         highest_reported = max([highest_reported, *reported])
         mgr = CheckpointManager(run_dir)
         latest = mgr.latest_valid()
