@@ -58,6 +58,7 @@ from trainguard.errors import (
     CheckpointNotFound,
     StateMismatch,
     StoreError,
+    UnsafePath,
 )
 from trainguard.store import Store, open_store
 
@@ -475,7 +476,7 @@ class CheckpointManager:
         try:
             manifest = Manifest.from_bytes(self.store.read(f"{key}/{MANIFEST}"),
                                            f"{key}/{MANIFEST}")
-        except CheckpointCorrupt as exc:
+        except (CheckpointCorrupt, UnsafePath) as exc:
             return CheckpointInfo(step, key, None, str(exc))
         if manifest.step != step:
             return CheckpointInfo(step, key, manifest,
@@ -490,6 +491,8 @@ class CheckpointManager:
                 actual = self.store.size(file_key)
             except FileNotFoundError:
                 return CheckpointInfo(step, key, manifest, f"{label}: missing")
+            except UnsafePath as exc:
+                return CheckpointInfo(step, key, manifest, f"{label}: {exc}")
             if actual != size:
                 return CheckpointInfo(step, key, manifest,
                                       f"{label}: size {actual} bytes, manifest says {size}")
@@ -552,6 +555,8 @@ class CheckpointManager:
                     data = future.result()
                 except FileNotFoundError:
                     raise CheckpointCorrupt(f"{key}: missing") from None
+                except UnsafePath as exc:
+                    raise CheckpointCorrupt(f"{key}: {exc}") from None
                 _check_file(key, data, files[key])
                 buffers[key] = data
         if _sharded(info.manifest):  # its tensors load through DCP (restore_state_sharded)
