@@ -58,7 +58,7 @@ def test_ddp_run_killed_and_restarted_ends_bit_identical(tmp_path):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     # One copy, written by rank 0; rank 1 logs beside it, not over its heartbeat.
     manifest = json.loads((tmp_path / "res/checkpoints/step-000000012/manifest.json").read_text())
-    assert "state.json" in manifest["files"]
+    assert f"state.{manifest['writer']}.json" in manifest["files"]
     assert (tmp_path / "res/ranks/rank-00001/metrics.jsonl").exists()
 
 
