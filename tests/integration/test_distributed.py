@@ -86,7 +86,8 @@ def test_sharded_state_saved_on_4_restores_on_2_and_1(tmp_path):
     mgr = CheckpointManager(run_dir)
     info = mgr.verify(10)
     assert info.valid, info.problem
-    assert {f"rank{r:05d}.distcp" for r in range(4)} <= set(info.manifest.files)
+    assert {info.manifest.name_of(f"rank{r:05d}.distcp") for r in range(4)} \
+        <= set(info.manifest.files)
     # The slow rank saw no manifest before writing; the commit came after it finished.
     existed, finished = (out / "slow.txt").read_text().split()
     assert existed == "0" and info.manifest.created_at >= float(finished)

@@ -237,3 +237,21 @@ def test_safetensors_header_outside_the_format_is_corrupt(tmp_path, caplog, case
     raw = len(body).to_bytes(8, "little") + body + bytes(64)
     hostile.rewrite_member(run, 2, victim, raw)
     _assert_every_reader_skips_step_2(run, caplog, victim.name)
+
+
+def test_a_save_refuses_what_restore_would_refuse(tmp_path):
+    """Never write a checkpoint the readers' schema rejects: too deep, or an array whose
+    dtype cannot be rebuilt without pickle (or loses its fields)."""
+    import numpy as np
+
+    mgr = CheckpointManager(tmp_path / "run")
+    deep: list = []
+    for _ in range(150):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested deeper than 100"):
+        mgr.save(1, {"deep": deep})
+    with pytest.raises(TypeError, match="structured"):
+        mgr.save(1, {"rec": np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")])})
+    mgr.save(1, {"ok": [[[1]]], "when": np.zeros(2, dtype="<M8[s]")}, blocking=True)
+    assert [i.step for i in mgr.list()] == [1] and mgr.verify(1).valid
+    mgr.close()

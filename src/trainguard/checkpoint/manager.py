@@ -145,6 +145,22 @@ def _check_file(where: str, data: memoryview, entry: FileEntry) -> None:
                                 f"commit: disk or copy corruption)")
 
 
+def _state_json(tree: dict, unchanged: dict[str, Location]) -> bytes:
+    """The state file: the tree, and where tensors not rewritten by this save are.
+
+    Raises:
+        ValueError: over the size restore reads (it would be refused on reading).
+    """
+    raw = json.dumps({"tree": tree, "tensor_refs": {
+        name: [loc.step, loc.file, loc.name] for name, loc in unchanged.items()}},
+        separators=(",", ":")).encode()
+    if len(raw) > MAX_STATE_BYTES:
+        raise ValueError(f"the state's non-tensor part is {len(raw)} bytes of JSON, over the "
+                         f"{MAX_STATE_BYTES}-byte limit restore reads; keep large data in "
+                         f"tensors or numpy arrays")
+    return raw
+
+
 def _resumable(info: CheckpointInfo) -> bool:
     """False for a checkpoint saved mid-step after an error (tag ``resumable=false``)."""
     return info.manifest is None or info.manifest.tags.get("resumable") != "false"
@@ -351,6 +367,7 @@ class CheckpointManager:
             changed, unchanged, observed = self._tracker.split(tensors, fresh)
         else:
             changed, unchanged, observed = tensors, {}, None
+        state_json = _state_json(tree, unchanged)
         # Leftovers of an interrupted save of this step stay until retention: this save's
         # files carry their own names, and deleting here could hit a live writer's files.
         writer = new_writer()
@@ -365,15 +382,6 @@ class CheckpointManager:
         locations = {name: Location(step, shard.name, name)
                      for shard in shards for name, _ in shard.tensors}
         locations.update(unchanged)
-        state_json = json.dumps({"tree": tree, "tensor_refs": {
-            name: [loc.step, loc.file, loc.name] for name, loc in unchanged.items()}},
-            separators=(",", ":")).encode()
-        if len(state_json) > MAX_STATE_BYTES:
-            job.abort()
-            job.join()
-            raise ValueError(f"the state's non-tensor part is {len(state_json)} bytes of JSON, "
-                             f"over the {MAX_STATE_BYTES}-byte limit restore reads; keep "
-                             f"large data in tensors or arrays")
         refs = tuple(FileRef(s, f, self._ref_entries[(s, f)].size,
                              self._ref_entries[(s, f)].checksum)
                      for s, f in sorted({(loc.step, loc.file) for loc in unchanged.values()}))

@@ -22,6 +22,7 @@ re-iterable streams (what the checkpoint manager passes) get both.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from collections.abc import Callable, Iterator
@@ -129,6 +130,16 @@ class ObjectStore:
             return FileNotFoundError(f"{self._url}/{key} does not exist")
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         return StoreError(f"cannot {action} {self._url}/{key}: {first_line[:300]}")
+
+    def with_retry(self, retry: Backoff) -> ObjectStore:
+        """This store with another backoff: the same client and connection pool.
+
+        The two-tier uploader uses ``Backoff(budget=0)``: it retries on its own, forever,
+        and must be free to skip to a newer checkpoint instead of waiting on an old one.
+        """
+        view = copy.copy(self)
+        view.retry = retry
+        return view
 
     def _call(self, action: str, key: str, operation: Callable, *, retry: bool = True):
         """Run one operation with the backoff; errors translated at this boundary."""
