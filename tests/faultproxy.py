@@ -2,7 +2,8 @@
 
 ``FaultProxy(upstream).fail_next(n, kind)`` makes the next ``n`` requests (optionally only
 those whose path matches ``match``) fail with ``kind``: ``"503"`` answers Service
-Unavailable, ``"drop"`` closes the connection without an answer. ``block(match)`` fails
+Unavailable, ``"drop"`` closes the connection without an answer, ``"lost"`` forwards the
+request (it lands upstream) and then closes the connection without passing the answer on. ``block(match)`` fails
 every matching request until ``unblock()``. Every request is counted.
 """
 
@@ -19,7 +20,7 @@ class FaultProxy:
         target = urlparse(upstream)
         self.upstream_host, self.upstream_port = target.hostname, target.port
         self._lock = threading.Lock()
-        self._budget: list[tuple[str, str | None]] = []  # (kind, path substring)
+        self._budget: list[tuple[str, str | None, str | None]] = []  # (kind, path part, method)
         self._blocked: str | None = None
         self.requests = 0
         self.faults = 0
@@ -52,6 +53,11 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
+                if fault == "lost":  # done upstream, but the client never hears of it
+                    conn.close()
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "content-length", "connection"):
@@ -78,16 +84,17 @@ class FaultProxy:
             if self._blocked is not None and self._blocked in path:
                 self.faults += 1
                 return "503"
-            for i, (kind, match) in enumerate(self._budget):
-                if match is None or match in path:
+            for i, (kind, match, only) in enumerate(self._budget):
+                if (match is None or match in path) and only in (None, method):
                     del self._budget[i]
                     self.faults += 1
                     return kind
         return None
 
-    def fail_next(self, n: int, kind: str = "503", match: str | None = None) -> None:
+    def fail_next(self, n: int, kind: str = "503", match: str | None = None,
+                  method: str | None = None) -> None:
         with self._lock:
-            self._budget += [(kind, match)] * n
+            self._budget += [(kind, match, method)] * n
 
     def block(self, match: str) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ Every error trainguard raises on purpose derives from :class:`TrainguardError`, 
 
     TrainguardError                    exit code 1
     ├── StoreError                     a storage backend failed (I/O, permissions)
+    │   └── UnsafePath                 a link or special file where a plain file belongs
     ├── RunDirError                    a run directory is missing, empty or not a directory
     ├── CheckpointError                a checkpoint-level problem
     │   ├── CheckpointCorrupt          checksum / size / format mismatch: never loaded
@@ -34,6 +35,14 @@ class TrainguardError(Exception):
 
 class StoreError(TrainguardError):
     """A storage backend could not read, write, list or delete a key."""
+
+
+class UnsafePath(StoreError):
+    """A path in a run directory is a symbolic link or not a regular file.
+
+    trainguard never makes either inside a run directory, so one found there was planted
+    or copied in by mistake: it is neither read nor written through.
+    """
 
 
 class RunDirError(TrainguardError):

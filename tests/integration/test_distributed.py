@@ -58,7 +58,7 @@ def test_ddp_run_killed_and_restarted_ends_bit_identical(tmp_path):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     # One copy, written by rank 0; rank 1 logs beside it, not over its heartbeat.
     manifest = json.loads((tmp_path / "res/checkpoints/step-000000012/manifest.json").read_text())
-    assert "state.json" in manifest["files"]
+    assert f"state.{manifest['writer']}.json" in manifest["files"]
     assert (tmp_path / "res/ranks/rank-00001/metrics.jsonl").exists()
 
 
@@ -86,7 +86,8 @@ def test_sharded_state_saved_on_4_restores_on_2_and_1(tmp_path):
     mgr = CheckpointManager(run_dir)
     info = mgr.verify(10)
     assert info.valid, info.problem
-    assert {f"rank{r:05d}.distcp" for r in range(4)} <= set(info.manifest.files)
+    assert {info.manifest.name_of(f"rank{r:05d}.distcp") for r in range(4)} \
+        <= set(info.manifest.files)
     # The slow rank saw no manifest before writing; the commit came after it finished.
     existed, finished = (out / "slow.txt").read_text().split()
     assert existed == "0" and info.manifest.created_at >= float(finished)

@@ -74,6 +74,14 @@ class StoreConformance:
         assert store.list("x") == []
         store.delete("x/y")  # deleting a missing key is not an error
 
+    def test_create_never_replaces_an_object(self, store):
+        """How a manifest is published: a second create of a key leaves the first."""
+        assert store.create("c/manifest.json", b"first") == 5
+        with pytest.raises(FileExistsError):
+            store.create("c/manifest.json", b"second, from a writer that lost the run")
+        assert bytes(store.read("c/manifest.json")) == b"first"
+        assert store.list("c") == ["c/manifest.json"]
+
     def test_missing_key_raises_file_not_found(self, store):
         with pytest.raises(FileNotFoundError):
             store.read("nope")

@@ -47,6 +47,10 @@ def test_each_rank_commits_its_file_before_the_manifest_is_written(tmp_path):
             super().write(key, data)
             events.append(("write", key.rsplit("/", 1)[-1]))
 
+        def create(self, key, data):  # how the manifest is published
+            super().create(key, data)
+            events.append(("write", key.rsplit("/", 1)[-1]))
+
         def commit(self):
             super().commit()
             events.append(("commit", None))
@@ -61,14 +65,16 @@ def test_sharded_checkpoint_lists_verifies_and_restores(tmp_path):
     mgr = _saved(tmp_path)
     info = mgr.latest_valid()
     assert info.step == 5 and info.metrics == {"loss": 0.5}
-    assert {DCP_METADATA, "state.json", "rank00000.distcp"} <= set(info.manifest.files)
+    names = {info.manifest.name_of(n) for n in (DCP_METADATA, "state.json", "rank00000.distcp")}
+    assert names <= set(info.manifest.files) and info.manifest.writer in min(names)
     assert mgr.verify(5).valid
     target = _state(1)
     assert mgr.restore(target) == 5
     ref = _state(0)
     assert torch.equal(target["model"].weight, ref["model"].weight)
     assert torch.equal(target["extra"], ref["extra"]) and target["counters"] == {"seen": 0}
-    meta = json.loads((tmp_path / "checkpoints/step-000000005" / DCP_METADATA).read_text())
+    meta = json.loads((tmp_path / "checkpoints/step-000000005" /
+                       info.manifest.name_of(DCP_METADATA)).read_text())
     assert meta["format"] == "trainguard.dcp"  # JSON, not DCP's pickle
 
 
@@ -76,7 +82,7 @@ def test_sharded_checkpoint_lists_verifies_and_restores(tmp_path):
 def test_corrupt_sharded_file_fails_verify_and_is_skipped(tmp_path, name):
     mgr = _saved(tmp_path, 5)
     save_state_sharded(LocalStore(tmp_path), 3, _state(3))
-    path = tmp_path / "checkpoints/step-000000005" / name
+    path = tmp_path / "checkpoints/step-000000005" / mgr.list()[-1].manifest.name_of(name)
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
@@ -265,7 +271,8 @@ def test_retention_after_a_sharded_commit_sees_the_other_nodes_files(tmp_path, w
         mgr.save(step, world_of_one(step)).wait()
     assert store.refreshes >= 3
     assert [i.step for i in CheckpointManager(tmp_path / "run").list() if i.valid] == [2, 3]
-    store.unseen.add("checkpoints/step-000000003/rank00000.distcp")  # written elsewhere
+    newest = CheckpointManager(tmp_path / "run").list()[-1].manifest
+    store.unseen.add(f"checkpoints/step-000000003/{newest.name_of('rank00000.distcp')}")
     target = world_of_one(0)
     assert mgr.restore(target) == 3  # refreshed first: step 3 is seen whole
     assert torch.equal(target["w"].full_tensor(), torch.full((4, 3), 3.0))
@@ -278,7 +285,7 @@ def test_restoring_a_given_step_falls_back_to_the_mirrors_copy(tmp_path, world_o
     mgr.save(1, world_of_one(1)).wait()
     mgr.close()  # the upload finishes
     assert (tmp_path / "mirror/checkpoints/step-000000001/manifest.json").exists()
-    shard = tmp_path / "run/checkpoints/step-000000001/rank00000.distcp"
+    shard, = (tmp_path / "run/checkpoints/step-000000001").glob("rank00000.*distcp")
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF  # same size: only the checksum can tell
     shard.write_bytes(bytes(data))

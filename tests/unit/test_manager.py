@@ -172,3 +172,19 @@ def test_gc_keeps_the_newest_checkpoint_that_really_verifies(tmp_path):
     mgr.gc(keep_last(1))
     assert 1 in [c.step for c in mgr.list()]
     assert _restored(mgr)[0] == 1
+
+
+def test_a_save_deletes_nothing_retention_sweeps_what_no_manifest_names(tmp_path):
+    """A save never deletes in its step directory (the files there may be a live
+    writer's); leftovers of interrupted saves go once a kept manifest does not name them."""
+    mgr = _save_steps(tmp_path, [1])
+    step2 = tmp_path / "checkpoints" / "step-000000002"
+    step2.mkdir()
+    leftover = step2 / "tensors-00000.0123456789abcdef.safetensors"  # an interrupted save
+    leftover.write_bytes(b"partial")
+    mgr.save(2, _state(2), blocking=True)
+    assert leftover.exists() and mgr.verify(2).valid
+    named = set(mgr.list()[-1].manifest.files) | {MANIFEST}
+    mgr.gc(keep_last(5))
+    assert not leftover.exists()
+    assert {p.name for p in step2.iterdir()} == named and mgr.verify(2).valid

@@ -86,3 +86,57 @@ def test_killed_holder_on_this_host_is_taken_over_at_once(s3_env, monkeypatch):
         mgr.close()
     finally:
         proc.kill()
+
+
+@pytest.fixture
+def proxy(s3_server, s3_env, monkeypatch):
+    """A fault-injecting proxy in front of the S3 server; obstore talks to the proxy."""
+    from tests.faultproxy import FaultProxy
+
+    fault_proxy = FaultProxy(s3_server.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint)
+    yield fault_proxy
+    fault_proxy.stop()
+
+
+def test_renewal_whose_answer_was_lost_recognises_its_own_lease(s3_env, proxy, monkeypatch):
+    """The renewal PUT lands, its answer is lost, obstore retries it and the retry's
+    precondition fails (the ETag is already the new one): the lease is still ours."""
+    monkeypatch.setenv("TRAINGUARD_LEASE_TTL", "600")  # no background renewal meanwhile
+    store = ObjectStore(f"s3://{s3_env}/run")
+    lease = store.lock(".trainguard.lock").acquire()
+    proxy.fail_next(1, "lost", match=".trainguard.lock", method="PUT")
+    assert lease.renew() is True and lease.held
+    assert proxy.faults == 1  # the answer really was lost
+    lease.acquire()  # a save's acquire: no LockHeld
+    assert lease.renew() is True  # and the ETag it adopted is the current one
+    lease.release()
+    assert not store.exists(".trainguard.lock")
+
+
+def test_renewal_after_the_lease_was_deleted_is_lost_not_an_error(s3_env, monkeypatch):
+    monkeypatch.setenv("TRAINGUARD_LEASE_TTL", "600")
+    store = ObjectStore(f"s3://{s3_env}/run")
+    lease = store.lock(".trainguard.lock").acquire()
+    store.delete(".trainguard.lock")  # e.g. a human cleaning up
+    assert lease.renew() is False and not lease.held
+    with pytest.raises(LockHeld, match="lost its writer lease"):
+        lease.acquire()
+
+
+def test_a_writer_that_lost_its_lease_deletes_nothing(s3_env, short_ttl):
+    """Retention checks the lease right before deleting: a writer cut off past the ttl
+    (its renewals stopped) prunes nothing of the new holder's run."""
+    from trainguard import keep_last
+
+    url = f"s3://{s3_env}/run"
+    old = CheckpointManager(url)
+    old.save(1, {"w": torch.ones(3)}, blocking=True)
+    old._lock._stop.set()  # cut off from the store: no renewals
+    old._lock._renewer.join()
+    new = CheckpointManager(url)
+    new.save(2, {"w": torch.zeros(3)}, blocking=True)  # takes over after the ttl
+    with pytest.raises(LockHeld, match="lost its writer lease"):
+        old.gc(keep_last(1))
+    assert [(i.step, i.valid) for i in new.list()] == [(1, True), (2, True)]
+    new.close()

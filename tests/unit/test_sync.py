@@ -15,7 +15,7 @@ def test_sync_copies_and_verifies_then_refuses_rotten_source(tmp_path):
     mgr.save(1, {"w": torch.arange(1000.0)}, blocking=True)
     assert sync_once(str(src), str(dest)).step == 1
     mgr.save(2, {"w": torch.arange(1000.0) * 2}, blocking=True)
-    shard = src / "checkpoints" / "step-000000002" / "tensors-00000.safetensors"
+    shard, = (src / "checkpoints" / "step-000000002").glob("tensors-00000.*safetensors")
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x10
     shard.write_bytes(bytes(data))

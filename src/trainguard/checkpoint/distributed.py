@@ -6,10 +6,13 @@ half, :class:`TrainguardWriter` and :class:`TrainguardReader`, so a sharded chec
 keeps the invariants of every other checkpoint::
 
     checkpoints/step-000000100/
-        rank00000.distcp ... rankNNNNN.distcp   raw tensor bytes, one file per rank
-        dcp-metadata.json                       DCP's Metadata, as JSON (never pickle)
-        state.json                              the non-tensor state tree (rank 0's)
-        manifest.json                           written LAST by the coordinator: the commit
+        rank00000.<w>.distcp ... rankNNNNN.<w>.distcp   raw tensor bytes, one file per rank
+        dcp-metadata.<w>.json           DCP's Metadata, as JSON (never pickle)
+        state.<w>.json                  the non-tensor state tree (rank 0's)
+        manifest.json                   created LAST by the coordinator: the commit
+
+``<w>`` is the coordinator's token for this save (``format.member_name``): like every
+save, a sharded one never writes a file name another save wrote, nor replaces a manifest.
 
 Invariants:
 
@@ -62,16 +65,20 @@ from trainguard.checkpoint.format import (
     MANIFEST,
     STATE_FILE,
     FileEntry,
-    Hasher,
+    HashedChunks,
     Manifest,
     checksum,
     _CODES,
     check_file_name,
-    dtype_code,
+    member_name,
+    new_writer,
     step_dir,
+    dtype_code,
     tensor_bytes,
 )
-from trainguard.checkpoint.tree import flatten, restore_into
+from trainguard.checkpoint.saving import publish_manifest
+from trainguard.checkpoint.schema import MAX_MANIFEST_BYTES, load_json
+from trainguard.checkpoint.tree import check_tree, flatten, parse_state_file, restore_into
 from trainguard.errors import CheckpointCorrupt, CheckpointExists, StateMismatch
 from trainguard.store import Store
 
@@ -84,7 +91,7 @@ DCP_SUFFIX = ".distcp"
 
 def is_sharded(manifest: Manifest) -> bool:
     """Whether ``manifest`` describes a checkpoint written through DCP."""
-    return DCP_METADATA in manifest.files
+    return manifest.name_of(DCP_METADATA) in manifest.files
 
 
 @dataclass(frozen=True)
@@ -111,12 +118,14 @@ class TrainguardWriter(StorageWriter):
     Args:
         store: where the files go (every rank opens the same store).
         step: the checkpoint's step.
-        make_manifest: builds the manifest from every file's entry (coordinator only).
+        make_manifest: builds the manifest from every file's entry and the save's token
+            (coordinator only).
         state_json: the non-tensor state tree, written by the coordinator.
         on_commit: called on the coordinator right after the commit.
     """
 
-    def __init__(self, store: Store, step: int, make_manifest: Callable[[dict], Manifest],
+    def __init__(self, store: Store, step: int,
+                 make_manifest: Callable[[dict, str], Manifest],
                  state_json: bytes, on_commit: Callable[[Manifest], None] | None = None) -> None:
         super().__init__()
         self.store, self.step, self.key = store, step, step_dir(step)
@@ -124,6 +133,7 @@ class TrainguardWriter(StorageWriter):
         self._on_commit = on_commit
         self.rank = 0
         self.manifest: Manifest | None = None
+        self.writer = new_writer()  # the coordinator's names every file of the save
 
     def reset(self, checkpoint_id: Any = None) -> None:
         """Nothing to reset: one writer object per checkpoint."""
@@ -137,15 +147,17 @@ class TrainguardWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        """Coordinator, before any rank writes: refuse a committed step, clear leftovers,
-        and give each rank its own file name."""
+        """Coordinator, before any rank writes: refuse a committed step and give each rank
+        its own file name. Leftovers of an interrupted save stay until retention: this
+        save's names are its own, and a delete here could hit a live writer's files."""
         if self.store.exists(f"{self.key}/{MANIFEST}"):
             raise CheckpointExists(f"step {self.step} is already committed at "
                                    f"{self.store.url}/{self.key}; save under a new step")
-        for stale in self.store.list(self.key):  # leftovers of an interrupted save
-            self.store.delete(stale)
-        return [dataclasses.replace(plan, storage_data=f"rank{i:05d}{DCP_SUFFIX}")
+        return [dataclasses.replace(plan, storage_data=self._rank_file(i))
                 for i, plan in enumerate(plans)]
+
+    def _rank_file(self, rank: int) -> str:
+        return member_name(f"rank{rank:05d}{DCP_SUFFIX}", self.writer)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Write this rank's items into its one file; results carry size and checksums."""
@@ -159,8 +171,9 @@ class TrainguardWriter(StorageWriter):
             placed.append((item, offset, len(view), tensor, checksum(view)))
             buffers.append(view)
             offset += len(view)
-        hasher = Hasher()
-        self.store.write(f"{self.key}/{name}", _hashed(buffers, hasher))
+        stream = HashedChunks(lambda: buffers)
+        self.store.write(f"{self.key}/{name}", stream)
+        hasher = stream.hasher
         # Committed by this rank before it reports success: on a store whose commit is
         # per machine (a Modal volume mounted on each node of a cluster) the manifest
         # must never name a file that only this node's uncommitted view holds.
@@ -180,13 +193,14 @@ class TrainguardWriter(StorageWriter):
         files = {c.file: FileEntry(c.file_size, c.file_checksum) for c in chunks.values()}
         for rank, rank_results in enumerate(results):
             if not rank_results:  # a rank with nothing to write still wrote an empty file
-                empty = f"rank{rank:05d}{DCP_SUFFIX}"
-                files[empty] = FileEntry(0, checksum(b""))
-        files[DCP_METADATA] = self._write(DCP_METADATA, encode_metadata(metadata))
-        files[STATE_FILE] = self._write(STATE_FILE, self._state_json)
-        manifest = self._make_manifest(files)
-        # The manifest is written last and committed at once: its presence is the commit.
-        self.store.write(f"{self.key}/{MANIFEST}", manifest.to_bytes())
+                files[self._rank_file(rank)] = FileEntry(0, checksum(b""))
+        for base, data in ((DCP_METADATA, encode_metadata(metadata)),
+                           (STATE_FILE, self._state_json)):
+            files[member_name(base, self.writer)] = self._write(member_name(base, self.writer),
+                                                                data)
+        manifest = self._make_manifest(files, self.writer)
+        # The manifest is created last and committed at once: its presence is the commit.
+        publish_manifest(self.store, self.key, manifest)
         self.store.commit()
         self.manifest = manifest
         if self._on_commit is not None:
@@ -221,9 +235,10 @@ class TrainguardReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Read and check the metadata file against the manifest, then parse it."""
-        where = f"{self.key}/{DCP_METADATA}"
-        return decode_metadata(read_checked(self.store, where, self.manifest.files.get(
-            DCP_METADATA)), where)
+        name = self.manifest.name_of(DCP_METADATA)
+        where = f"{self.key}/{name}"
+        return decode_metadata(read_checked(self.store, where, self.manifest.files.get(name)),
+                               where)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
                               **kwargs: Any) -> None:
@@ -271,6 +286,13 @@ class TrainguardReader(StorageReader):
         data = self.store.read(where, chunk.offset, chunk.length)
         _check(where, data, FileEntry(chunk.length, chunk.checksum))
         dtype = _CODES[chunk.dtype]
+        numel = 1
+        for dim in chunk.shape:
+            numel *= dim
+        if numel * torch.empty((), dtype=dtype).element_size() != chunk.length:
+            raise CheckpointCorrupt(f"{where}: chunk of {chunk.length} bytes at {chunk.offset} "
+                                    f"does not hold a {chunk.dtype} tensor of shape "
+                                    f"{list(chunk.shape)}")
         flat = torch.frombuffer(bytearray(data), dtype=dtype) if chunk.length else \
             torch.empty(0, dtype=dtype)
         return flat.reshape(chunk.shape)
@@ -305,17 +327,11 @@ def _check(where: str, data: memoryview | bytes, entry: FileEntry) -> None:
                                 f"commit: disk or copy corruption)")
 
 
-def _hashed(buffers: list[memoryview], hasher: Hasher):
-    for view in buffers:
-        hasher.update(view)
-        yield view
-
-
 # -- save and load ----------------------------------------------------------------------------
 
 
 def save_sharded(store: Store, step: int, tensors: dict[str, torch.Tensor], state_json: bytes,
-                 make_manifest: Callable[[dict], Manifest], *, process_group: Any = None,
+                 make_manifest: Callable[[dict, str], Manifest], *, process_group: Any = None,
                  on_commit: Callable[[Manifest], None] | None = None) -> Manifest | None:
     """Save ``tensors`` (plain tensors and DTensors) as the checkpoint of ``step``.
 
@@ -358,16 +374,15 @@ def read_tree(store: Store, step: int, manifest: Manifest) -> tuple[Any, dict]:
         CheckpointCorrupt: a file is missing, corrupt, or not what it should be.
     """
     key = step_dir(step)
-    raw = read_checked(store, f"{key}/{STATE_FILE}", manifest.files.get(STATE_FILE))
-    metadata = decode_metadata(read_checked(store, f"{key}/{DCP_METADATA}",
-                                            manifest.files.get(DCP_METADATA)),
-                               f"{key}/{DCP_METADATA}")
-    try:
-        tree = json.loads(bytes(raw))["tree"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointCorrupt(f"{key}/{STATE_FILE}: not a trainguard state file") from exc
+    state_key, meta_key = (f"{key}/{manifest.name_of(base)}" for base in (STATE_FILE,
+                                                                          DCP_METADATA))
+    raw = read_checked(store, state_key, manifest.files.get(manifest.state_file))
+    metadata = decode_metadata(read_checked(store, meta_key, manifest.files.get(
+        manifest.name_of(DCP_METADATA))), meta_key)
+    tree, _refs = parse_state_file(raw, state_key)
     layout = {fqn: (md.properties.dtype, tuple(md.size))
               for fqn, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
+    check_tree(tree, state_key, layout)  # before any tensor is loaded
     return tree, layout
 
 
@@ -410,7 +425,8 @@ def save_state_sharded(store: Store, step: int, state: dict, *, metrics: dict | 
 
 
 def prepare_save(step: int, state: dict, metrics: dict | None, tags: dict[str, str] | None,
-                 reason: str) -> tuple[dict[str, torch.Tensor], bytes, Callable[[dict], Manifest]]:
+                 reason: str) -> tuple[dict[str, torch.Tensor], bytes,
+                                       Callable[[dict, str], Manifest]]:
     """The tensors, the ``state.json`` bytes and the manifest maker of a sharded save.
 
     Raises:
@@ -424,9 +440,9 @@ def prepare_save(step: int, state: dict, metrics: dict | None, tags: dict[str, s
     state_json = json.dumps({"tree": tree}, separators=(",", ":")).encode()
     versions = _versions()
 
-    def make_manifest(files: dict[str, FileEntry]) -> Manifest:
+    def make_manifest(files: dict[str, FileEntry], writer: str) -> Manifest:
         return Manifest(step=step, created_at=time.time(), files=files, metrics=metrics,
-                        tags=tags, reason=reason, versions=versions)
+                        tags=tags, reason=reason, versions=versions, writer=writer)
 
     return tensors, state_json, make_manifest
 
@@ -480,8 +496,8 @@ def decode_metadata(raw: memoryview | bytes, where: str) -> Metadata:
     Raises:
         CheckpointCorrupt: not our JSON, or a malformed entry.
     """
+    doc = load_json(raw, where, "DCP metadata", MAX_MANIFEST_BYTES * 4)
     try:
-        doc = json.loads(bytes(raw))
         if doc.get("format") != "trainguard.dcp":
             raise ValueError("not a trainguard DCP metadata file")
         tensors = {fqn: TensorStorageMetadata(
@@ -493,12 +509,17 @@ def decode_metadata(raw: memoryview | bytes, where: str) -> Metadata:
         storage = {}
         for loc in doc["locations"]:
             index = MetadataIndex(loc.pop("fqn"), loc.pop("index_offset"))
-            loc["shape"] = tuple(int(d) for d in loc["shape"])
+            if not all(type(d) is int and d >= 0 for d in loc["shape"]):
+                raise ValueError(f"chunk shape {loc['shape']!r} is not a list of sizes")
+            loc["shape"] = tuple(loc["shape"])
             chunk = Chunk(**loc)
             check_file_name(chunk.file)
+            if chunk.dtype not in _CODES or not all(
+                    type(n) is int and n >= 0 for n in (chunk.offset, chunk.length)):
+                raise ValueError(f"chunk {chunk.file}@{chunk.offset!r}: bad dtype or range")
             storage[index] = chunk
         planner = {k: tuple(v) for k, v in doc["planner_data"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise CheckpointCorrupt(f"{where}: malformed DCP metadata ({exc!r})") from exc
     return Metadata(state_dict_metadata=tensors, planner_data=planner, storage_data=storage,
                     storage_meta=StorageMeta(), version=doc.get("version"))

@@ -3,19 +3,26 @@
 Layout of a run directory::
 
     RUN/checkpoints/step-000001200/
-        tensors-00000.safetensors    tensor shards (each opens with safetensors.safe_open)
-        state.json                   the non-tensor state tree (never pickle)
-        manifest.json                written LAST: its presence is the commit
+        tensors-00000.<writer>.safetensors  tensor shards (each opens with safe_open)
+        state.<writer>.json                 the non-tensor state tree (never pickle)
+        manifest.json                       written LAST: its presence is the commit
 
-A directory without a manifest that parses and checks out does not exist for readers.
-Names in a manifest are never trusted: each must be a plain file name inside its own
-checkpoint directory (no ``..``, no absolute paths, no separators).
+``<writer>`` is a random token drawn by each save (format version 2; version 1 files are
+named without it and still read). So two saves of one step, even by two processes that
+both think they are the writer, never write the same file name: a save can only add
+files, never change one that a committed manifest names. The manifest itself is created
+with a create-if-absent (``Store.create``) and so is never replaced either.
+
+A directory without a manifest that parses into the schema and checks out does not exist
+for readers. Names in a manifest are never trusted: each must be a plain file name inside
+its own checkpoint directory (no ``..``, no absolute paths, no separators).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,10 +31,18 @@ from typing import Any
 import torch
 import xxhash
 
-from trainguard.errors import CheckpointCorrupt
+from trainguard.checkpoint.schema import (
+    MAX_HEADER_BYTES,
+    MAX_MANIFEST_BYTES,
+    Fields,
+    as_int,
+    as_str,
+    load_json,
+)
+from trainguard.errors import CheckpointCorrupt, UnsafePath
 
 FORMAT_NAME = "trainguard.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: file names carry the writer token (1: fixed names, still read)
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 STATE_FILE = "state.json"
@@ -36,6 +51,27 @@ RETIRED = "retired.json"
 CHECKSUM_ALGO = "xxh3_128"
 _STEP_DIR = re.compile(r"^step-(\d{9,})$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_WRITER = re.compile(r"[0-9a-f]{8,64}")
+_HEX128 = re.compile(r"[0-9a-f]{32}")
+#: Newest unix time a manifest may carry (the last second of year 9999).
+MAX_TIME = 253402300799.0
+
+
+def new_writer() -> str:
+    """A token unique to one save: its files are named with it."""
+    return secrets.token_hex(8)
+
+
+def member_name(base: str, writer: str) -> str:
+    """The name of the file ``base`` (``state.json``) of the save ``writer``.
+
+    ``member_name("tensors-00000.safetensors", "9f..")`` is
+    ``"tensors-00000.9f...safetensors"``; with no writer (format 1) the base name.
+    """
+    if not writer:
+        return base
+    stem, dot, ext = base.partition(".")
+    return f"{stem}.{writer}{dot}{ext}"
 
 
 def step_dir(step: int) -> str:
@@ -82,6 +118,29 @@ class Hasher:
         return self._h.hexdigest()
 
 
+class HashedChunks:
+    """A re-iterable stream of a file's chunks that checksums them as they go by.
+
+    Each iteration starts a fresh checksum over a fresh pass of ``make_chunks()``, so a
+    store may retry a failed upload by iterating again (a generator could not be
+    replayed), and ``entry()`` describes the bytes of the last, complete pass.
+    """
+
+    def __init__(self, make_chunks) -> None:
+        self._make_chunks = make_chunks
+        self.hasher = Hasher()
+
+    def __iter__(self) -> Iterator[memoryview]:
+        self.hasher = hasher = Hasher()
+        for chunk in self._make_chunks():
+            hasher.update(chunk)
+            yield chunk
+
+    def entry(self) -> FileEntry:
+        """Size and checksum of what the last pass yielded."""
+        return FileEntry(self.hasher.size, self.hasher.hexdigest())
+
+
 def checksum(data: memoryview | bytes) -> str:
     """xxh3-128 hex digest of a whole buffer."""
     return xxhash.xxh3_128(data).hexdigest()
@@ -121,11 +180,10 @@ class FileRef:
                 CHECKSUM_ALGO: self.checksum}
 
     @classmethod
-    def from_json(cls, doc: dict) -> FileRef:
-        step = doc["step"]
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise CheckpointCorrupt(f"manifest refers to step {step!r}, not a step number")
-        return cls(step, check_file_name(doc["name"]), int(doc["size"]), str(doc[CHECKSUM_ALGO]))
+    def from_json(cls, fields: Fields) -> FileRef:
+        """Parse one entry of a manifest's ``refs`` (see :class:`Fields`)."""
+        return cls(fields.int("step"), check_file_name(fields.get("name")), fields.int("size"),
+                   fields.str(CHECKSUM_ALGO, _HEX128))
 
 
 @dataclass(frozen=True)
@@ -142,6 +200,7 @@ class Manifest:
         versions: library versions that wrote it.
         refs: files of earlier checkpoints holding tensors this one did not rewrite
             (incremental saves); verified like the checkpoint's own files.
+        writer: the token of the save that wrote it, in its file names ("" in format 1).
     """
 
     step: int
@@ -152,6 +211,16 @@ class Manifest:
     reason: str = "periodic"
     versions: dict[str, str] = field(default_factory=dict)
     refs: tuple[FileRef, ...] = ()
+    writer: str = ""
+
+    def name_of(self, base: str) -> str:
+        """This checkpoint's name for the file ``base`` (``state.json``, ...)."""
+        return member_name(base, self.writer)
+
+    @property
+    def state_file(self) -> str:
+        """The name of this checkpoint's state file."""
+        return self.name_of(STATE_FILE)
 
     @property
     def referenced_bytes(self) -> int:
@@ -166,7 +235,7 @@ class Manifest:
     def to_bytes(self) -> bytes:
         doc = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.writer else 1,
             "step": self.step,
             "created_at": self.created_at,
             "reason": self.reason,
@@ -178,44 +247,73 @@ class Manifest:
             "refs": [ref.to_json() for ref in self.refs],
             "versions": self.versions,
         }
+        if self.writer:
+            doc["writer"] = self.writer
         return json.dumps(doc, indent=1, sort_keys=False).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes | memoryview, where: str) -> Manifest:
-        """Parse and validate a manifest.
+        """Parse a manifest into the schema; the one parser every reader uses.
 
         Raises:
-            CheckpointCorrupt: not JSON, wrong format, or unsafe file names.
+            CheckpointCorrupt: not JSON, too big or deep, not a trainguard manifest, a newer
+                format, or any field of the wrong type or range (named in the message).
         """
-        try:
-            doc = json.loads(bytes(raw))
-        except ValueError as exc:
-            raise CheckpointCorrupt(f"{where}: manifest is not valid JSON ({exc})") from exc
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise CheckpointCorrupt(f"{where}: not a trainguard manifest")
-        version = doc.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        doc = Fields(load_json(raw, where, "manifest", MAX_MANIFEST_BYTES), where)
+        if doc.doc.get("format") != FORMAT_NAME:
+            raise CheckpointCorrupt(f"{where}: not a trainguard manifest (no \"format\": "
+                                    f"\"{FORMAT_NAME}\")")
+        version = doc.get("format_version", None)
+        if type(version) is int and version > FORMAT_VERSION:
             raise CheckpointCorrupt(
-                f"{where}: format version {version!r} is newer than this trainguard reads "
-                f"({FORMAT_VERSION}); upgrade trainguard"
-            )
-        try:
-            files = {
-                check_file_name(name): FileEntry(int(entry["size"]), str(entry[CHECKSUM_ALGO]))
-                for name, entry in doc["files"].items()
-            }
-            return cls(
-                step=int(doc["step"]),
-                created_at=float(doc["created_at"]),
-                files=files,
-                metrics=dict(doc.get("metrics") or {}),
-                tags=dict(doc.get("tags") or {}),
-                reason=str(doc.get("reason", "periodic")),
-                versions=dict(doc.get("versions") or {}),
-                refs=tuple(FileRef.from_json(ref) for ref in doc.get("refs") or ()),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointCorrupt(f"{where}: malformed manifest ({exc!r})") from exc
+                f"{where}: format version {version} is newer than this trainguard reads "
+                f"({FORMAT_VERSION}); upgrade trainguard")
+        version = doc.int("format_version", lo=1, hi=FORMAT_VERSION)
+        if doc.get("checksum_algo", CHECKSUM_ALGO) != CHECKSUM_ALGO:
+            raise doc.bad("checksum_algo", f"must be {CHECKSUM_ALGO!r}", doc.get("checksum_algo"))
+        metrics = doc.obj("metrics", {})
+        return cls(
+            step=doc.int("step"),
+            created_at=doc.number("created_at", finite=True, lo=0.0, hi=MAX_TIME),
+            files=_parse_files(doc.obj("files")),
+            metrics={name: metrics.number(name, finite=False) for name in metrics.doc},
+            tags=_str_map(doc.obj("tags", {})),
+            reason=doc.str("reason", default="periodic", max_len=200),
+            versions=_str_map(doc.obj("versions", {})),
+            refs=tuple(FileRef.from_json(Fields(ref, where, f"refs[{i}]"))
+                       for i, ref in enumerate(doc.list("refs", []))),
+            writer=doc.str("writer", _WRITER) if version >= 2 else "",
+        )
+
+
+def _parse_files(files: Fields) -> dict[str, FileEntry]:
+    out = {}
+    for name in files.doc:
+        entry = files.obj(check_file_name(name))
+        out[name] = FileEntry(entry.int("size"), entry.str(CHECKSUM_ALGO, _HEX128))
+    return out
+
+
+def _str_map(fields: Fields) -> dict[str, str]:
+    return {name: fields.str(name) for name in fields.doc}
+
+
+def read_manifest(store, key: str) -> Manifest:
+    """Read and parse the manifest at ``key`` of ``store`` (size-checked before reading).
+
+    Raises:
+        FileNotFoundError: there is no manifest.
+        CheckpointCorrupt: it is not a valid manifest, or is a link or special file.
+    """
+    try:
+        size = store.size(key)
+        if size > MAX_MANIFEST_BYTES:
+            raise CheckpointCorrupt(f"{key}: manifest of {size} bytes is over the limit of "
+                                    f"{MAX_MANIFEST_BYTES} bytes; not read")
+        raw = store.read(key)
+    except UnsafePath as exc:
+        raise CheckpointCorrupt(f"{key}: {exc}") from None
+    return Manifest.from_bytes(raw, key)
 
 
 # -- safetensors ----------------------------------------------------------------------------
@@ -279,8 +377,10 @@ class ShardPlan:
             yield tensor_bytes(tensor)
 
 
-def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[ShardPlan]:
-    """Split tensors into shards of at most ``max_shard_bytes`` (a bigger tensor alone).
+def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int,
+                writer: str = "") -> list[ShardPlan]:
+    """Split tensors into shards of at most ``max_shard_bytes`` (a bigger tensor alone),
+    named for the save ``writer`` (see :func:`member_name`).
 
     Within a shard, tensors are sorted by element size (descending) so that, with the
     8-byte-padded header, every tensor starts aligned: loads become zero-copy views.
@@ -295,37 +395,92 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[
             used = 0
         shards[-1].append((key, tensor))
         used += nbytes
-    return [ShardPlan(f"tensors-{i:05d}.safetensors", items)
+    return [ShardPlan(member_name(f"tensors-{i:05d}.safetensors", writer), items)
             for i, items in enumerate(shards) if items]
 
 
 def parse_safetensors(buf: memoryview, where: str) -> dict[str, torch.Tensor]:
     """Zero-copy tensors over a safetensors file held in ``buf`` (must stay alive).
 
+    As strict as the format: the header is a JSON object of at most
+    :data:`~trainguard.checkpoint.schema.MAX_HEADER_BYTES`; each tensor has a known dtype,
+    a shape of non-negative ints and ``[start, end]`` offsets spanning exactly its bytes;
+    and the tensors tile the data section, no byte shared by two tensors (an overlap
+    would let writing one change the other) and none left over (a hole could carry a
+    second file format: a polyglot).
+
     Raises:
         CheckpointCorrupt: the header or offsets do not describe the buffer.
     """
-    try:
-        (hlen,) = struct.unpack("<Q", bytes(buf[:8]))
-        if hlen > len(buf) - 8:
-            raise ValueError(f"header length {hlen} exceeds file size {len(buf)}")
-        meta = json.loads(bytes(buf[8:8 + hlen]))
-        meta.pop("__metadata__", None)
-        data = buf[8 + hlen:]
-        whole = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-        out = {}
-        for key, info in meta.items():
-            start, end = info["data_offsets"]
-            dtype = _CODES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            if not 0 <= start <= end <= len(data):
-                raise ValueError(f"tensor {key!r} offsets {start}..{end} outside the data")
-            raw = whole[start:end]
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if start % itemsize:
-                raw = raw.clone()
-            tensor = raw.view(dtype) if end > start else torch.empty(0, dtype=dtype)
-            out[key] = tensor.reshape(shape)
-        return out
-    except (ValueError, KeyError, TypeError, RuntimeError, struct.error) as exc:
-        raise CheckpointCorrupt(f"{where}: not a readable safetensors file ({exc})") from exc
+    if len(buf) < 8:
+        raise CheckpointCorrupt(f"{where}: not a safetensors file ({len(buf)} bytes)")
+    (hlen,) = struct.unpack("<Q", bytes(buf[:8]))
+    if hlen > min(len(buf) - 8, MAX_HEADER_BYTES):
+        raise CheckpointCorrupt(f"{where}: safetensors header length {hlen} exceeds the file "
+                                f"({len(buf)} bytes) or the format's limit")
+    header = Fields(load_json(buf[8:8 + hlen], where, "safetensors header", MAX_HEADER_BYTES),
+                    where, "header")
+    data = buf[8 + hlen:]
+    layout = {key: _tensor_layout(header.obj(key), key) for key in header.doc
+              if key != "__metadata__"}
+    _check_metadata(header)
+    _check_tiling(layout, len(data), header)
+    whole = torch.frombuffer(data, dtype=torch.uint8) if len(data) else \
+        torch.empty(0, dtype=torch.uint8)
+    out = {}
+    for key, (dtype, shape, start, end) in layout.items():
+        if end == start:
+            out[key] = torch.empty(shape, dtype=dtype)
+            continue
+        raw = whole[start:end]
+        if start % _itemsize(dtype):
+            raw = raw.clone()  # torch views need aligned storage offsets
+        out[key] = raw.view(dtype).reshape(shape)
+    return out
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _tensor_layout(entry: Fields, key: str) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, start, end) of one header entry, each checked."""
+    code = entry.str("dtype", max_len=16)
+    if code not in _CODES:
+        raise entry.bad(f"{key}.dtype", f"must be one of {sorted(_CODES)}", code)
+    dtype = _CODES[code]
+    shape = [as_int(d, entry, f"{key}.shape[{i}]") for i, d in enumerate(entry.list("shape"))]
+    offsets = entry.list("data_offsets")
+    if len(offsets) != 2:
+        raise entry.bad(f"{key}.data_offsets", "must be [start, end]", offsets)
+    start, end = (as_int(o, entry, f"{key}.data_offsets") for o in offsets)
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if end < start or (end - start) != numel * _itemsize(dtype):
+        raise CheckpointCorrupt(f"{entry.where}: tensor {key!r}: offsets {start}..{end} do "
+                                f"not hold a {code} tensor of shape {shape}")
+    return dtype, shape, start, end
+
+
+def _check_metadata(header: Fields) -> None:
+    if "__metadata__" in header.doc:
+        metadata = header.obj("__metadata__")
+        for name in metadata.doc:
+            as_str(metadata.doc[name], metadata, f"__metadata__.{name}")
+
+
+def _check_tiling(layout: dict, size: int, header: Fields) -> None:
+    """The tensors' byte ranges must cover ``[0, size)`` exactly once."""
+    covered = 0
+    for key, (_, _, start, end) in sorted(layout.items(), key=lambda kv: kv[1][2:]):
+        if start != covered:
+            what = "overlaps the tensor before it" if start < covered else \
+                f"leaves bytes {covered}..{start} that no tensor owns"
+            raise CheckpointCorrupt(f"{header.where}: tensor {key!r} at {start}..{end} {what}; "
+                                    f"the safetensors format forbids both")
+        covered = end
+    if covered != size:
+        raise CheckpointCorrupt(f"{header.where}: the data section has {size} bytes but its "
+                                f"tensors cover {covered}; the format forbids bytes no tensor "
+                                f"owns")

@@ -9,6 +9,11 @@ Invariants (each one is tested):
 * The manifest is written last and the store committed right after: a checkpoint exists
   for readers exactly when its manifest does. A process killed at any instant leaves at
   worst a manifest-less directory, which every reader ignores.
+* A save never changes a file a committed manifest names, nor replaces a manifest: its
+  files carry a token of its own, and its manifest is created if absent. So a writer
+  that lost the run to another one (an object-store lease taken over while it was
+  frozen) cannot tear the other's checkpoints; it also checks its lease right before
+  publishing and before retention deletes anything, so it stops there.
 * Nothing is loaded before every file of the checkpoint has been read and its size and
   checksum verified; a corrupt checkpoint is skipped with a warning naming the file.
 * Retention deletes the manifest of a checkpoint first (un-committing it), then its files;
@@ -24,7 +29,7 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -39,26 +44,32 @@ from trainguard.checkpoint.format import (
     STATE_FILE,
     FileEntry,
     FileRef,
-    Hasher,
+    HashedChunks,
     Manifest,
     ShardPlan,
     checksum,
+    member_name,
+    new_writer,
     parse_safetensors,
     parse_step_dir,
     plan_shards,
+    read_manifest,
     step_dir,
 )
+from trainguard.checkpoint.schema import MAX_STATE_BYTES
 from trainguard.checkpoint.mirror import Mirror
 from trainguard.checkpoint.retention import RetentionPolicy, keep_best
 from trainguard.checkpoint.saving import FailedSaves, FinalPieces, SaveHandle, SaveJob
 from trainguard.checkpoint.snapshot import ChangeTracker, HostArena, Location
-from trainguard.checkpoint.tree import flatten_with_fresh, restore_into
+from trainguard.checkpoint.tree import check_tree, flatten_with_fresh, parse_state_file, \
+    restore_into
 from trainguard.errors import (
     CheckpointCorrupt,
     CheckpointExists,
     CheckpointNotFound,
     StateMismatch,
     StoreError,
+    UnsafePath,
 )
 from trainguard.store import Store, open_store
 
@@ -143,6 +154,22 @@ def _check_file(where: str, data: memoryview, entry: FileEntry) -> None:
                                 f"commit: disk or copy corruption)")
 
 
+def _state_json(tree: dict, unchanged: dict[str, Location]) -> bytes:
+    """The state file: the tree, and where tensors not rewritten by this save are.
+
+    Raises:
+        ValueError: over the size restore reads (it would be refused on reading).
+    """
+    raw = json.dumps({"tree": tree, "tensor_refs": {
+        name: [loc.step, loc.file, loc.name] for name, loc in unchanged.items()}},
+        separators=(",", ":")).encode()
+    if len(raw) > MAX_STATE_BYTES:
+        raise ValueError(f"the state's non-tensor part is {len(raw)} bytes of JSON, over the "
+                         f"{MAX_STATE_BYTES}-byte limit restore reads; keep large data in "
+                         f"tensors or numpy arrays")
+    return raw
+
+
 def _resumable(info: CheckpointInfo) -> bool:
     """False for a checkpoint saved mid-step after an error (tag ``resumable=false``)."""
     return info.manifest is None or info.manifest.tags.get("resumable") != "false"
@@ -150,7 +177,8 @@ def _resumable(info: CheckpointInfo) -> bool:
 
 def _sharded(manifest: Manifest) -> bool:
     """Whether the checkpoint was written through torch.distributed.checkpoint."""
-    return "dcp-metadata.json" in manifest.files  # distributed.DCP_METADATA (no import cycle)
+    # distributed.DCP_METADATA, not imported: distributed imports torch.distributed
+    return manifest.name_of("dcp-metadata.json") in manifest.files
 
 
 def best_of(infos: Iterable[CheckpointInfo], metric: str,
@@ -165,12 +193,6 @@ def best_of(infos: Iterable[CheckpointInfo], metric: str,
     valid = [info for info in infos if info.valid]
     steps = keep_best(1, metric, mode).keep(valid)
     return next((info for info in valid if info.step in steps), None)
-
-
-def _hashed(chunks: Iterable[memoryview], hasher: Hasher) -> Iterator[memoryview]:
-    for chunk in chunks:
-        hasher.update(chunk)
-        yield chunk
 
 
 class CheckpointManager:
@@ -230,6 +252,20 @@ class CheckpointManager:
                 return
             self._lock = make_lock(LOCK_NAME)
         self._lock.acquire()
+
+    def _confirm_writer(self) -> None:
+        """Right before publishing or deleting: check this process still owns the run.
+
+        An flock cannot be lost while held; an object-store lease can (its holder frozen
+        past the ttl, another taking it over), and this asks the store.
+
+        Raises:
+            LockHeld: the run has another writer now; nothing may be written or deleted.
+        """
+        self.acquire_writer()
+        confirm = getattr(self._lock, "confirm", None)
+        if confirm is not None:
+            confirm()
 
     def _drain(self) -> None:
         """Wait for the in-flight save; keep its error for the next raising call."""
@@ -354,12 +390,14 @@ class CheckpointManager:
             changed, unchanged, observed = self._tracker.split(tensors, fresh)
         else:
             changed, unchanged, observed = tensors, {}, None
-        for stale in self.store.list(key):  # leftovers of an interrupted save of this step
-            self.store.delete(stale)
+        state_json = _state_json(tree, unchanged)
+        # Leftovers of an interrupted save of this step stay until retention: this save's
+        # files carry their own names, and deleting here could hit a live writer's files.
+        writer = new_writer()
         job = SaveJob(step, key, self._write, self.store, started)
         job.start()
         try:
-            shards = self._stage(changed, job)
+            shards = self._stage(changed, job, writer)
         except BaseException:
             job.abort()
             job.join()
@@ -367,9 +405,6 @@ class CheckpointManager:
         locations = {name: Location(step, shard.name, name)
                      for shard in shards for name, _ in shard.tensors}
         locations.update(unchanged)
-        state_json = json.dumps({"tree": tree, "tensor_refs": {
-            name: [loc.step, loc.file, loc.name] for name, loc in unchanged.items()}},
-            separators=(",", ":")).encode()
         refs = tuple(FileRef(s, f, self._ref_entries[(s, f)].size,
                              self._ref_entries[(s, f)].checksum)
                      for s, f in sorted({(loc.step, loc.file) for loc in unchanged.values()}))
@@ -377,13 +412,15 @@ class CheckpointManager:
 
         def make_manifest(files: dict[str, FileEntry]) -> Manifest:
             return Manifest(step=step, created_at=time.time(), files=files, metrics=metrics,
-                            tags=tags, reason=reason, versions=versions, refs=refs)
+                            tags=tags, reason=reason, versions=versions, refs=refs,
+                            writer=writer)
 
         def on_commit(manifest: Manifest) -> None:
             self._after_commit(job, manifest, observed, locations)
 
         self._saves.inflight = job
-        job.finish(FinalPieces(state_json, make_manifest, on_commit))
+        job.finish(FinalPieces(state_json, member_name(STATE_FILE, writer), make_manifest,
+                               on_commit, before_publish=self._confirm_writer))
         handle = SaveHandle(step, job, lambda m: CheckpointInfo(step, key, m),
                             stall_seconds=time.monotonic() - started)
         if blocking:
@@ -411,17 +448,19 @@ class CheckpointManager:
                 f"save under a new step, or delete that checkpoint first")
         log.warning("replacing checkpoint step %d, which does not verify (%s)", step,
                     existing.problem)
+        self._confirm_writer()
         self.store.delete(f"{key}/{MANIFEST}")  # un-commit first, as retention does
         self.store.commit()
 
-    def _stage(self, tensors: dict[str, torch.Tensor], job: SaveJob) -> list[ShardPlan]:
+    def _stage(self, tensors: dict[str, torch.Tensor], job: SaveJob,
+               writer: str) -> list[ShardPlan]:
         """Copy tensors into the host arena, then hand every shard to the job.
 
         The job starts writing only once the snapshot is complete: on a few cores its
         copying and checksumming would otherwise slow the snapshot, which is the part
         that blocks training (measured: 1.27-1.58x memcpy overlapped, 0.88-1.11x not).
         """
-        shards = plan_shards(tensors, self.max_shard_bytes)
+        shards = plan_shards(tensors, self.max_shard_bytes, writer)
         pin = any(t.device.type == "cuda" for t in tensors.values())
         self._arena.reset(HostArena.bytes_needed(list(tensors.values())), pin)
         staged = [ShardPlan(shard.name, [(n, self._arena.copy(t)) for n, t in shard.tensors])
@@ -451,15 +490,18 @@ class CheckpointManager:
             except Exception as exc:  # a failing delete must not fail a committed save
                 log.warning("retention after step %d failed: %r", manifest.step, exc)
 
-    def _write(self, key: str, chunks: Iterable[memoryview]) -> FileEntry:
-        hasher = Hasher()
-        self.store.write(key, _hashed(chunks, hasher))
-        return FileEntry(hasher.size, hasher.hexdigest())
+    def _write(self, key: str, make_chunks: Callable[[], Iterable[memoryview]]) -> FileEntry:
+        """Write one file, checksummed on the fly; a store may retry it (re-iterable)."""
+        chunks = HashedChunks(make_chunks)
+        self.store.write(key, chunks)
+        return chunks.entry()
 
     # -- reading -------------------------------------------------------------------------
 
-    def _scan(self, drain: bool = True) -> tuple[list[CheckpointInfo], dict[int, list[str]]]:
-        """(checkpoint directories, retired directories -> their remaining files).
+    def _scan(self, drain: bool = True) -> tuple[list[CheckpointInfo], dict[int, list[str]],
+                                                 dict[int, list[str]]]:
+        """(checkpoint directories, retired directories -> their remaining files, every
+        step directory -> the names of its files).
 
         ``drain`` waits for the in-flight save first; the save thread itself (running
         retention) passes False.
@@ -480,7 +522,7 @@ class CheckpointManager:
                 retired[step] = names
             else:
                 infos.append(self._inspect(step, names))
-        return infos, retired
+        return infos, retired, by_step
 
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint directory, oldest first, each marked valid or with its problem.
@@ -496,8 +538,10 @@ class CheckpointManager:
             return CheckpointInfo(step, key, None, "incomplete: no manifest (the save was "
                                                    "interrupted before its commit)")
         try:
-            manifest = Manifest.from_bytes(self.store.read(f"{key}/{MANIFEST}"),
-                                           f"{key}/{MANIFEST}")
+            manifest = read_manifest(self.store, f"{key}/{MANIFEST}")
+        except FileNotFoundError:
+            return CheckpointInfo(step, key, None, "incomplete: no manifest (deleted while "
+                                                   "being listed)")
         except CheckpointCorrupt as exc:
             return CheckpointInfo(step, key, None, str(exc))
         if manifest.step != step:
@@ -513,6 +557,8 @@ class CheckpointManager:
                 actual = self.store.size(file_key)
             except FileNotFoundError:
                 return CheckpointInfo(step, key, manifest, f"{label}: missing")
+            except UnsafePath as exc:
+                return CheckpointInfo(step, key, manifest, f"{label}: {exc}")
             if actual != size:
                 return CheckpointInfo(step, key, manifest,
                                       f"{label}: size {actual} bytes, manifest says {size}")
@@ -585,30 +631,33 @@ class CheckpointManager:
                     data = future.result()
                 except FileNotFoundError:
                     raise CheckpointCorrupt(f"{key}: missing") from None
+                except UnsafePath as exc:
+                    raise CheckpointCorrupt(f"{key}: {exc}") from None
                 _check_file(key, data, files[key])
                 buffers[key] = data
         if _sharded(info.manifest):  # its tensors load through DCP (restore_state_sharded)
+            from trainguard.checkpoint.distributed import read_tree
+
+            read_tree(self._tier(info).store, info.step, info.manifest)  # the tree's schema
             return None, {}
-        state_key = f"{info.key}/{STATE_FILE}"
+        state_key = f"{info.key}/{info.manifest.state_file}"
         if state_key not in buffers:
-            raise CheckpointCorrupt(f"{info.key}: manifest lists no {STATE_FILE}")
-        try:
-            doc = json.loads(bytes(buffers.pop(state_key)))
-            tree, tensor_refs = doc["tree"], doc.get("tensor_refs", {})
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointCorrupt(f"{state_key}: not a trainguard state file ({exc!r})") from exc
+            raise CheckpointCorrupt(f"{info.key}: manifest lists no state file "
+                                    f"({info.manifest.state_file})")
+        tree, tensor_refs = parse_state_file(buffers.pop(state_key), state_key)
         by_file = {key: parse_safetensors(data, key) for key, data in buffers.items()}
         tensors: dict[str, torch.Tensor] = {}
         for key, found in by_file.items():
             if key.startswith(f"{info.key}/"):
                 tensors.update(found)
         for name, (ref_step, ref_file, ref_name) in tensor_refs.items():
-            ref = FileRef(ref_step, ref_file, 0, "")  # validates step and file name
+            ref_key = f"{step_dir(ref_step)}/{ref_file}"
             try:
-                tensors[name] = by_file[ref.key][ref_name]
+                tensors[name] = by_file[ref_key][ref_name]
             except KeyError:
-                raise CheckpointCorrupt(f"{state_key}: tensor {name!r} refers to {ref.key}, "
+                raise CheckpointCorrupt(f"{state_key}: tensor {name!r} refers to {ref_key}, "
                                         f"which the manifest does not list or lacks it") from None
+        check_tree(tree, state_key, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()})
         return tree, tensors
 
     def restore(self, state: dict, step: int | None = None) -> int:
@@ -639,17 +688,17 @@ class CheckpointManager:
                 if not info.valid:
                     raise CheckpointCorrupt(f"{info.key}: {info.problem}")
                 tree, tensors = self._tier(info)._read_verified(info)
+                if tree is None and _sharded(info.manifest):  # one process: reshard to full
+                    from trainguard.checkpoint.distributed import restore_state_sharded
+
+                    return restore_state_sharded(self._tier(info).store, state, info.step,
+                                                 info.manifest)
             except CheckpointCorrupt as exc:
                 if step is not None:
                     raise
                 log.warning("skipping checkpoint step %d: %s", info.step, exc)
                 skipped.append(info.step)
                 continue
-            if tree is None and _sharded(info.manifest):  # one process: reshard to full
-                from trainguard.checkpoint.distributed import restore_state_sharded
-
-                return restore_state_sharded(self._tier(info).store, state, info.step,
-                                             info.manifest)
             if not isinstance(tree, dict):
                 raise StateMismatch(f"{info.key}/{STATE_FILE}: top level is not a dict")
             restore_into(state, tree, tensors)
@@ -682,7 +731,8 @@ class CheckpointManager:
 
     def _apply_retention(self, policy: RetentionPolicy, protect: set[int],
                          dry_run: bool = False) -> list[CheckpointInfo]:
-        infos, retired = self._scan(drain=False)  # callers have drained, or are the save
+        # callers have drained, or are the save
+        infos, retired, names = self._scan(drain=False)
         valid = [c for c in infos if c.valid]
         keep = set(policy(valid)) | protect
         if valid:
@@ -698,13 +748,20 @@ class CheckpointManager:
             why = "not kept by policy" if info.valid else info.problem
             log.info("%s checkpoint step %d (%s)", "would delete" if dry_run else "deleting",
                      info.step, why)
-            if not dry_run:
-                self._delete(info.key, info.step, referenced)
-        if not dry_run:
-            for step, _names in retired.items():
-                self._delete(step_dir(step), step, referenced)
-            if hasattr(self.store, "remove_temp_files"):
-                self.store.remove_temp_files(CHECKPOINTS_DIR)
+        strays = _strays([c for c in valid if c.step in keep], names, referenced)
+        if dry_run or not (doomed or retired or strays):
+            return doomed
+        self._confirm_writer()  # a writer that lost the run deletes nothing of it
+        for info in doomed:
+            self._delete(info.key, info.step, referenced)
+        for step, _names in retired.items():
+            self._delete(step_dir(step), step, referenced)
+        for key in strays:  # files of interrupted saves of a step committed since
+            self.store.delete(key)
+        if strays:
+            self.store.commit()
+        if hasattr(self.store, "remove_temp_files"):
+            self.store.remove_temp_files(CHECKPOINTS_DIR)
         return doomed
 
     def _delete(self, key: str, step: int, referenced: set[tuple[int, str]]) -> None:
@@ -724,6 +781,20 @@ class CheckpointManager:
             if file_key != manifest and file_key[len(key) + 1:] not in keep:
                 self.store.delete(file_key)
         self.store.commit()
+
+
+def _strays(kept: list[CheckpointInfo], names: dict[int, list[str]],
+            referenced: set[tuple[int, str]]) -> list[str]:
+    """Keys in committed, kept step directories that no manifest names: what interrupted
+    saves of those steps left (every save names its files uniquely, so they are not a
+    committed checkpoint's files, nor can a save in flight write there: its manifest
+    could not be created over the committed one)."""
+    out = []
+    for info in kept:
+        own = set(info.manifest.files) | {MANIFEST, RETIRED}
+        own |= {name for step, name in referenced if step == info.step}
+        out += [f"{info.key}/{name}" for name in names.get(info.step, []) if name not in own]
+    return out
 
 
 def _newest(infos: list[CheckpointInfo]) -> int | None:

@@ -6,7 +6,10 @@ checkpoint's files (and any earlier files an incremental checkpoint refers to) f
 its manifest last, so a reader of the bucket never sees a half-uploaded checkpoint.
 A failing upload is retried with exponential backoff, forever, in its own thread; it
 never blocks training. When uploads fall behind, only the newest committed checkpoint is
-uploaded (older ones are superseded). The remote tier gets the same retention policy.
+uploaded (older ones are superseded). So the uploader writes through a view of the
+remote store without the store's own retry budget (``ObjectStore.with_retry``): waiting
+out an outage inside one upload would only keep it on a checkpoint that a newer one has
+superseded meanwhile. The remote tier gets the same retention policy.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from trainguard.checkpoint.format import (
 )
 from trainguard.errors import CheckpointCorrupt
 from trainguard.store.base import Store
+from trainguard.store.retry import Backoff
 
 log = logging.getLogger("trainguard.mirror")
 
@@ -46,6 +50,8 @@ class Mirror:
                  initial_delay: float = 1.0, max_delay: float = 60.0,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.primary, self.remote = primary, remote
+        with_retry = getattr(remote, "with_retry", None)  # retries are this class's own
+        self._dest = with_retry(Backoff(budget=0.0)) if with_retry is not None else remote
         self.after_upload = after_upload
         self.initial_delay, self.max_delay = initial_delay, max_delay
         self._sleep = sleep
@@ -128,7 +134,7 @@ class Mirror:
     def _upload(self, step: int) -> bool:
         """Copy one committed checkpoint, manifest last. False if it vanished locally."""
         started = time.monotonic()
-        if copy_checkpoint(self.primary, self.remote, step, self._sent) is None:
+        if copy_checkpoint(self.primary, self._dest, step, self._sent) is None:
             log.info("step %d was deleted locally before its upload; skipped", step)
             return False
         log.info("uploaded step %d to %s (%.1f s)", step, self.remote.url,

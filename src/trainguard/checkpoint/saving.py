@@ -4,8 +4,10 @@ The calling thread stages every shard into host memory, then hands them to a ``S
 thread (starting the writes only after the snapshot keeps the writer's copying and
 checksumming off the cores the snapshot needs), with the small final pieces
 (state.json, metrics), and returns to training; the job writes the shards, then
-``state.json``, then the manifest, then commits, then runs the manager's post-commit
-hook (retention).
+the state file, then checks that this process may still write the run (the writer
+lease of an object store: it may have been lost while the process was frozen), then
+creates the manifest (never replacing one), then commits, then runs the manager's
+post-commit hook (retention).
 
 The job thread is not a daemon: a normal interpreter exit waits for the in-flight save to
 commit. An exception in the job is logged at once and kept; ``SaveHandle.wait()`` and the
@@ -21,8 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from trainguard.checkpoint.format import MANIFEST, STATE_FILE, FileEntry, Manifest, ShardPlan
-from trainguard.errors import CheckpointError
+from trainguard.checkpoint.format import MANIFEST, FileEntry, Manifest, ShardPlan
+from trainguard.errors import CheckpointError, CheckpointExists
 
 log = logging.getLogger("trainguard.checkpoint")
 
@@ -31,11 +33,46 @@ _ABORT = object()
 
 @dataclass
 class FinalPieces:
-    """What the job needs after the last shard: the rest of the checkpoint."""
+    """What the job needs after the last shard: the rest of the checkpoint.
+
+    Attributes:
+        state_json: the state file's bytes.
+        state_name: its name (unique to this save).
+        make_manifest: builds the manifest from every file's entry.
+        on_commit: runs right after the commit (retention).
+        before_publish: raises when this process may no longer write the run (a lost
+            lease); nothing is published then.
+    """
 
     state_json: bytes
+    state_name: str
     make_manifest: Callable[[dict[str, FileEntry]], Manifest]
     on_commit: Callable[[Manifest], None]
+    before_publish: Callable[[], None] = lambda: None
+
+
+def publish_manifest(store, key: str, manifest: Manifest) -> None:
+    """Create ``key/manifest.json``, never replacing one: the commit of a checkpoint.
+
+    Stores with a create-if-absent (``create``) use it, so a writer that lost the run to
+    another can never replace that writer's manifest; others get a plain write.
+
+    Raises:
+        CheckpointExists: a manifest is there already (another writer committed this
+            step meanwhile); its checkpoint is untouched.
+    """
+    create = getattr(store, "create", None)
+    path = f"{key}/{MANIFEST}"
+    if create is None:
+        store.write(path, manifest.to_bytes())
+        return
+    try:
+        create(path, manifest.to_bytes())
+    except FileExistsError:
+        raise CheckpointExists(
+            f"step {manifest.step} was committed at {store.url}/{key} by another writer while "
+            f"this save was being written; this save is dropped and that checkpoint is "
+            f"untouched") from None
 
 
 class SaveJob(threading.Thread):
@@ -74,12 +111,14 @@ class SaveJob(threading.Thread):
                     return
                 if isinstance(item, FinalPieces):
                     break
-                files[item.name] = self._write_file(f"{self.key}/{item.name}", item.chunks())
-            files[STATE_FILE] = self._write_file(f"{self.key}/{STATE_FILE}",
-                                                 [memoryview(item.state_json)])
+                files[item.name] = self._write_file(f"{self.key}/{item.name}", item.chunks)
+            state_json = memoryview(item.state_json)
+            files[item.state_name] = self._write_file(f"{self.key}/{item.state_name}",
+                                                      lambda: [state_json])
             manifest = item.make_manifest(files)
-            # The manifest is written last and committed at once: its presence is the commit.
-            self.store.write(f"{self.key}/{MANIFEST}", manifest.to_bytes())
+            item.before_publish()
+            # The manifest is created last and committed at once: its presence is the commit.
+            publish_manifest(self.store, self.key, manifest)
             self.store.commit()
             self.manifest, self.committed_at = manifest, time.monotonic()
             item.on_commit(manifest)

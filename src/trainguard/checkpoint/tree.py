@@ -18,19 +18,53 @@ JSON nodes that are not plain JSON carry a ``"__tg__"`` tag::
 Restoring writes back *in place*: tensors are ``copy_``'d into the live tensors (same
 device and dtype), stateful objects get ``load_state_dict``, dicts and lists are
 updated key by key, so the training loop continues without re-creating objects.
+
+A state file is untrusted input: :func:`parse_state_file` and :func:`check_tree` check
+every node against the shapes above (tag, field types, dtype names from a fixed table,
+device strings, that each tensor named exists and each array fits its bytes) before
+anything is decoded, so :func:`decode` and :func:`restore_into` only ever see trees they
+can rebuild. A bad tree is :class:`~trainguard.errors.CheckpointCorrupt`: restore skips
+the checkpoint like one with a bad checksum.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from trainguard.errors import StateMismatch
+from trainguard.checkpoint.format import check_file_name
+from trainguard.checkpoint.schema import MAX_DEPTH, MAX_STATE_BYTES, Fields, as_int, \
+    check_depth, load_json
+from trainguard.errors import CheckpointCorrupt, StateMismatch
 
 TAG = "__tg__"
 _MISSING = object()
+_TAGS = frozenset({"tensor", "ndarray", "tuple", "dict", "dtype", "bytes", "stateful"})
+
+#: Every torch dtype by its name: a state file's dtype tag is resolved here and nowhere
+#: else (``getattr(torch, name)`` would hand back ``torch.load`` for ``"load"``).
+DTYPES: dict[str, torch.dtype] = {str(v).removeprefix("torch."): v
+                                  for v in vars(torch).values() if isinstance(v, torch.dtype)}
+# Devices a tensor node may name; "meta" is not one (a meta tensor holds no data).
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|xla|privateuseone)(:[0-9]{1,4})?")
+# numpy dtype strings of plain-data arrays (bool, numbers, bytes, str, void, datetimes)
+_NP_DTYPE = re.compile(r"[<>|=]?(?:[?biufcSUV][0-9]{0,5}|[Mm]8(?:\[[0-9]*[a-zA-Z]{1,3}\])?)")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
+
+
+def numpy_dtype(text: object) -> np.dtype | None:
+    """The numpy dtype of an array node's ``dtype`` string; None unless plain data."""
+    if not isinstance(text, str) or not _NP_DTYPE.fullmatch(text):
+        return None
+    try:
+        dtype = np.dtype(text)
+    except (TypeError, ValueError):
+        return None
+    return None if dtype.hasobject else dtype
 
 
 def is_stateful(obj: object) -> bool:
@@ -81,7 +115,11 @@ class Flattener:
             return {TAG: "tuple", "items": [self.encode(v, path + (i,))
                                             for i, v in enumerate(value)]}
         if isinstance(value, torch.dtype):
-            return {TAG: "dtype", "name": str(value).removeprefix("torch.")}
+            name = str(value).removeprefix("torch.")
+            if DTYPES.get(name) is not value:
+                raise TypeError(f"cannot checkpoint {_path_str(path)!r}: dtype {value} is not "
+                                f"one torch exposes by name")
+            return {TAG: "dtype", "name": name}
         if isinstance(value, (bytes, bytearray)):
             return {TAG: "bytes", "hex": bytes(value).hex()}
         if is_stateful(value):
@@ -103,9 +141,10 @@ class Flattener:
         return {TAG: "tensor", "name": name, "device": str(tensor.device)}
 
     def _ndarray(self, array: np.ndarray, path: tuple) -> dict:
-        if array.dtype.hasobject:
-            raise TypeError(f"cannot checkpoint {_path_str(path)!r}: numpy object arrays "
-                            f"need pickle; convert to a numeric dtype")
+        if numpy_dtype(array.dtype.str) != array.dtype:
+            raise TypeError(f"cannot checkpoint {_path_str(path)!r}: numpy arrays of dtype "
+                            f"{array.dtype} (object or structured) need pickle or lose their "
+                            f"fields; convert to a numeric dtype")
         name = self._name(path)
         raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         self.tensors[name] = torch.from_numpy(raw.copy())
@@ -129,14 +168,29 @@ def flatten_with_fresh(state: dict) -> tuple[dict, dict[str, torch.Tensor], froz
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict of named objects, got {type(state).__name__}")
     flattener = Flattener()
-    return flattener.encode(state), flattener.tensors, frozenset(flattener.fresh)
+    tree = flattener.encode(state)
+    try:
+        check_depth(tree, "state", "the state tree")
+    except CheckpointCorrupt:  # restore would refuse it: never write it
+        raise ValueError(f"the state is nested deeper than {MAX_DEPTH} levels; flatten it "
+                         f"(restore refuses deeper state files)") from None
+    return tree, flattener.tensors, frozenset(flattener.fresh)
 
 
 def _device_of(node: dict) -> torch.device:
-    device = torch.device(node.get("device", "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return torch.device("cpu")
-    return device
+    """The recorded device if this machine has it, else the CPU (or the current GPU)."""
+    device = torch.device(node["device"])  # checked against _DEVICE: it parses
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return torch.device("cuda")
+        return device
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    return device if callable(available) and available() else torch.device("cpu")
 
 
 def decode(node: Any, tensors: dict[str, torch.Tensor], clone: bool = True) -> Any:
@@ -163,7 +217,7 @@ def decode(node: Any, tensors: dict[str, torch.Tensor], clone: bool = True) -> A
         return {_hashable(decode(k, tensors, clone)): decode(v, tensors, clone)
                 for k, v in node["items"]}
     if tag == "dtype":
-        return getattr(torch, node["name"])
+        return DTYPES[node["name"]]
     if tag == "bytes":
         return bytes.fromhex(node["hex"])
     if tag == "stateful":
@@ -255,3 +309,121 @@ def _adopt(module: torch.nn.Module, state: dict) -> bool:
         for name, tensor in live.items():
             tensor.data = state[name]
     return True
+
+
+# -- reading an untrusted state file -----------------------------------------------------
+
+#: name -> (dtype, shape) of each tensor a state file may refer to
+TensorLayout = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def parse_state_file(raw: bytes | memoryview, where: str) -> tuple[dict, dict]:
+    """The tree and tensor references of a state file, checked in structure.
+
+    Returns:
+        ``(tree, tensor_refs)``: the top-level dict, and tensor name -> ``(step, file,
+        name)`` of tensors kept in an earlier checkpoint's file (incremental saves).
+
+    Raises:
+        CheckpointCorrupt: not JSON, too big or deep, or not a state file's shape. Call
+            :func:`check_tree` once the tensors are known.
+    """
+    doc = Fields(load_json(raw, where, "state file", MAX_STATE_BYTES), where)
+    tree = doc.get("tree")
+    if not isinstance(tree, dict):
+        raise doc.bad("tree", "must be a JSON object (the saved state dict)", tree)
+    refs = {}
+    for name, ref in doc.obj("tensor_refs", {}).doc.items():
+        field = f"tensor_refs[{name!r}]"
+        if not isinstance(ref, list) or len(ref) != 3:
+            raise doc.bad(field, "must be [step, file, tensor name]", ref)
+        if not isinstance(ref[2], str):
+            raise doc.bad(f"{field}[2]", "must be a tensor name", ref[2])
+        refs[name] = (as_int(ref[0], doc, f"{field}[0]"), check_file_name(ref[1]), ref[2])
+    return tree, refs
+
+
+def check_tree(tree: dict, where: str, tensors: TensorLayout) -> None:
+    """Check every node of a state tree, so that decoding it cannot fail.
+
+    Walked without recursion; the depth is bounded by the parser already.
+
+    Args:
+        tree: the ``tree`` of :func:`parse_state_file`.
+        where: the state file, for messages.
+        tensors: every tensor the checkpoint holds, by name.
+
+    Raises:
+        CheckpointCorrupt: a node is malformed, names a missing tensor or an unknown dtype
+            or device, or an array does not fit its bytes (the path of the node is named).
+    """
+    stack: list[tuple[Any, str, bool]] = [(tree, "", False)]
+    while stack:
+        node, path, as_key = stack.pop()
+        if node is None or isinstance(node, (bool, int, float, str)):
+            continue
+        if isinstance(node, list) and not as_key:
+            stack.extend((v, f"{path}/{i}", False) for i, v in enumerate(node))
+        elif isinstance(node, dict) and TAG not in node and not as_key:
+            stack.extend((v, f"{path}/{k}", False) for k, v in node.items())
+        elif isinstance(node, dict) and TAG in node:
+            stack.extend(_check_tagged(Fields(node, where, path or "/"), tensors, as_key))
+        else:  # a list or untagged dict as a key (JSON holds nothing else)
+            raise Fields({}, where).bad(path or "/", "must be a hashable key (a number, "
+                                        "string or tuple)", node)
+
+
+def _check_tagged(node: Fields, tensors: TensorLayout, as_key: bool) -> list:
+    """Check one tagged node; returns its children to check, as (node, path, as_key)."""
+    tag = node.doc[TAG]
+    if not isinstance(tag, str) or tag not in _TAGS:
+        raise node.bad(f"{node.path}.{TAG}", f"must be one of {sorted(_TAGS)}", tag)
+    if as_key and tag not in ("tuple", "dtype", "bytes"):
+        raise node.bad(node.path, "must be a hashable key (a number, string or tuple)", tag)
+    if tag in ("tensor", "ndarray"):
+        _check_tensor_node(node, tag, tensors)
+    elif tag == "dtype" and node.str("name", max_len=64) not in DTYPES:
+        raise node.bad(f"{node.path}.name", "must name a torch dtype", node.get("name"))
+    elif tag == "bytes":
+        node.str("hex", _HEX, max_len=MAX_STATE_BYTES)
+    elif tag == "stateful":
+        node.str("type", max_len=1000)
+        if "state" not in node.doc:
+            raise CheckpointCorrupt(f"{node.where}: malformed: {node.path}.state is missing")
+        return [(node.doc["state"], node.path, False)]
+    elif tag == "tuple":
+        return [(v, f"{node.path}/{i}", as_key) for i, v in enumerate(node.list("items"))]
+    elif tag == "dict":
+        children = []
+        for i, pair in enumerate(node.list("items")):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise node.bad(f"{node.path}.items[{i}]", "must be [key, value]", pair)
+            children += [(pair[0], f"{node.path}/key{i}", True),
+                         (pair[1], f"{node.path}/{i}", False)]
+        return children
+    return []
+
+
+def _check_tensor_node(node: Fields, tag: str, tensors: TensorLayout) -> None:
+    name = node.str("name", max_len=10_000)
+    if name not in tensors:
+        raise CheckpointCorrupt(f"{node.where}: {node.path} refers to tensor {name!r}, which "
+                                f"no shard of the checkpoint holds")
+    if tag == "tensor":
+        device = node.str("device", max_len=32)
+        if not _DEVICE.fullmatch(device):
+            raise node.bad(f"{node.path}.device", "must be a device such as 'cpu' or "
+                           "'cuda:0'", device)
+        return
+    dtype = numpy_dtype(node.get("dtype"))
+    if dtype is None:
+        raise node.bad(f"{node.path}.dtype", "must be a plain-data numpy dtype (never "
+                       "object)", node.get("dtype"))
+    shape = [as_int(d, node, f"{node.path}.shape[{i}]") for i, d in
+             enumerate(node.list("shape"))]
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    stored_dtype, stored_shape = tensors[name]
+    if stored_dtype != torch.uint8 or stored_shape != (count * dtype.itemsize,):
+        raise CheckpointCorrupt(f"{node.where}: {node.path}: an array of {dtype} {shape} does "
+                                f"not fit tensor {name!r} ({stored_dtype} "
+                                f"{tuple(stored_shape)})")

@@ -55,8 +55,10 @@ def _tiers(run_dir: str, mirror: str) -> dict:
 def _status(info: CheckpointInfo) -> str:
     if info.valid:
         return "valid"
-    return "incomplete" if info.manifest is None and "incomplete" in (info.problem or "") \
-        else "corrupt"
+    # "incomplete: ..." is what the manager says of a directory without a manifest; a
+    # problem that merely mentions the word (a crafted field) is still corruption.
+    return "incomplete" if info.manifest is None and (info.problem or "").startswith(
+        "incomplete:") else "corrupt"
 
 
 def _row(info: CheckpointInfo) -> dict:

@@ -17,8 +17,16 @@ newcomer that finds the lease taken watches it on its *own* clock, and
 
 So a restarted attempt after preemption waits at most ``ttl`` (default 60 s) for its
 dead predecessor's lease. A holder whose renewal finds the lease no longer its own has
-lost it (it was unreachable for longer than ``ttl``); its next :meth:`acquire` (each save
-calls it) raises :class:`LockHeld` instead of writing beside the new holder.
+lost it (it was unreachable, or frozen, for longer than ``ttl``); its next :meth:`acquire`
+raises :class:`LockHeld` instead of writing beside the new holder, and so does
+:meth:`confirm`, which a save calls right before publishing its manifest and retention
+right before deleting: it renews on the spot, so a holder that was frozen finds out then,
+however long ago its background renewal last ran.
+
+A renewal whose precondition fails is not taken at its word: if obstore sent the PUT
+again because the answer to the first was lost, the first may have landed and changed
+the ETag. The lease is read back; if it still carries this holder's id, nobody took it
+over (a newcomer writes its own id), and the renewal counts.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Any
 
 from trainguard.errors import LockHeld, StoreError
 from trainguard.store.lock import pid_alive
+from trainguard.store.retry import Backoff
 
 log = logging.getLogger("trainguard.store")
 
@@ -50,14 +59,18 @@ class ObjectLease:
         url: the run directory's URL, for messages.
         ttl: seconds without renewal after which a holder counts as gone.
         purpose: what the holder does, for messages.
+        retry: the backoff for :meth:`acquire` and :meth:`confirm` through an outage
+            (the background renewal just tries again a quarter ttl later).
     """
 
     def __init__(self, obstore: Any, store: Any, path: str, url: str, *,
-                 ttl: float = DEFAULT_TTL, purpose: str = "writer") -> None:
+                 ttl: float = DEFAULT_TTL, purpose: str = "writer",
+                 retry: Backoff | None = None) -> None:
         if ttl <= 0:
             raise ValueError(f"lease ttl must be positive, got {ttl!r}")
         self._obs, self._store, self._path, self.url = obstore, store, path, url
         self.ttl, self.purpose = ttl, purpose
+        self._retry = retry if retry is not None else Backoff()
         self._id = uuid.uuid4().hex
         self._etag: str | None = None
         self._lost: str | None = None
@@ -102,7 +115,9 @@ class ObjectLease:
             result = self._obs.put(self._store, self._path, self._record(), mode=mode,
                                    use_multipart=False)
         except Exception as exc:
-            if type(exc).__name__ in ("AlreadyExistsError", "PreconditionError"):
+            # NotFoundError: an If-Match on a lease that was deleted (some stores say 404)
+            if type(exc).__name__ in ("AlreadyExistsError", "PreconditionError",
+                                      "NotFoundError"):
                 return None
             raise StoreError(f"cannot write the lease {self.url}/{self._path_name}: {exc}") \
                 from exc
@@ -128,11 +143,12 @@ class ObjectLease:
             return self
         deadline = None
         seen: tuple[dict, str] | None = None
+        what = f"cannot take the writer lease of {self.url}"
         while True:
-            etag = self._put("create")
+            etag = self._retry.call(lambda: self._put("create"), what)
             if etag is not None:
                 break
-            current = self._read()
+            current = self._retry.call(self._read, what)
             if current is None:
                 continue  # released between our PUT and our GET: try again
             record, current_etag = current
@@ -149,7 +165,7 @@ class ObjectLease:
                                 "to %.0f s for it to be renewed or to expire", self.url,
                                 record.get("pid", "?"), record.get("host", "?"), self.ttl)
             if self._holder_dead_here(record) or time.monotonic() >= deadline:
-                etag = self._put({"e_tag": current_etag})  # take over, if still unchanged
+                etag = self._retry.call(lambda: self._put({"e_tag": current_etag}), what)
                 if etag is not None:
                     log.warning("%s: took over the writer lease of pid %s on host %s (%s)",
                                 self.url, record.get("pid", "?"), record.get("host", "?"),
@@ -182,19 +198,45 @@ class ObjectLease:
                 return
 
     def renew(self) -> bool:
-        """Renew now; False (and the lease counts as lost) when it is no longer ours."""
+        """Renew now; False (and the lease counts as lost) when it is no longer ours.
+
+        Raises:
+            StoreError: the store could not be reached; nothing is decided.
+        """
         with self._lock:
             if self._etag is None or self._lost is not None:
                 return False
             etag = self._put({"e_tag": self._etag})
+            if etag is None:  # maybe our own PUT landed and only its answer was lost
+                current = self._read()
+                if current is not None and current[0].get("holder") == self._id:
+                    etag = current[1]
             if etag is None:
                 self._lost = (f"{self.url}: this process lost its writer lease (another "
                               f"process took it over after it went unrenewed for "
-                              f"{self.ttl:.0f} s); it must not write there any more")
+                              f"{self.ttl:.0f} s, or it was deleted); it must not write "
+                              f"there any more")
                 log.error("%s", self._lost)
                 return False
             self._etag = etag
             return True
+
+    def confirm(self) -> ObjectLease:
+        """Renew now, through an outage if need be, and raise unless the lease is ours.
+
+        Called right before a checkpoint is published and before retention deletes: a
+        holder frozen past the ttl finds out here, not after it wrote.
+
+        Raises:
+            LockHeld: the lease was lost (or never taken).
+            StoreError: the store stayed unreachable for the whole retry budget.
+        """
+        if self._lost is None and self._etag is None:
+            raise LockHeld(f"{self.url}: this process does not hold the writer lease; take "
+                           f"it (acquire) before writing")
+        if not self._retry.call(self.renew, f"cannot renew the writer lease of {self.url}"):
+            raise LockHeld(self._lost)
+        return self
 
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours (idempotent)."""

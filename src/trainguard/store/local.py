@@ -5,6 +5,14 @@ final name. Each write goes to a temp sibling (``.tgtmp-*``), is fsync'd, is ren
 place with ``os.replace`` (atomic on POSIX), and the directory is fsync'd so the rename
 itself survives a power cut. ``commit`` therefore has nothing left to do.
 
+Links and special files: trainguard never makes a symbolic link, FIFO or device inside a
+store, so one found there was planted. A key whose path crosses a link below the root is
+refused (:class:`~trainguard.errors.UnsafePath`) for every operation but ``delete`` (which
+removes the link itself, never its target); files are opened with ``O_NOFOLLOW`` and,
+for reading, ``O_NONBLOCK`` (a FIFO would block the open), and anything that is not a
+regular file is refused before a byte of it is read. The root itself may be a link: it is
+the user's choice of where the store lives.
+
 Speed: large writes stream through page-aligned staging buffers with ``O_DIRECT`` (when
 the filesystem allows it) while a second thread issues the writes, so copying the next
 chunk overlaps writing the last one. On this class of disk a buffered write + fsync runs
@@ -18,14 +26,17 @@ import mmap
 import os
 import queue
 import secrets
+import stat
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from trainguard.errors import StoreError
+from trainguard.errors import StoreError, UnsafePath
 from trainguard.store.base import Data, check_key
 from trainguard.store.lock import FileLock
+from trainguard.store.paths import CLOEXEC, NOFOLLOW, link_refused, open_regular, \
+    special_refused
 
 TMP_PREFIX = ".tgtmp-"
 _ALIGN = 4096
@@ -66,6 +77,27 @@ def _enable_direct(fd: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def _link_exclusive(tmp: Path, final: Path) -> bool:
+    """Give ``tmp``'s file the name ``final`` unless that name exists (FileExistsError).
+
+    Returns:
+        True when ``tmp`` still names the file too (a hard link was made).
+    """
+    try:
+        os.link(tmp, final, follow_symlinks=False)
+        return True
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS,
+                             errno.EXDEV, errno.EMLINK):
+            raise
+    if os.path.lexists(final):  # no hard links on this filesystem: check, then rename
+        raise FileExistsError(errno.EEXIST, "exists", str(final))
+    os.rename(tmp, final)
+    return False
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -208,9 +240,32 @@ class LocalStore:
     def __repr__(self) -> str:
         return f"LocalStore({self.url!r})"
 
-    def path(self, key: str) -> Path:
-        """The filesystem path of ``key`` (validated: it cannot leave the root)."""
-        return self.root.joinpath(*check_key(key).split("/"))
+    def path(self, key: str, *, final_link_ok: bool = False) -> Path:
+        """The filesystem path of ``key``, validated: it cannot leave the root.
+
+        Args:
+            key: the store key.
+            final_link_ok: let the last component be a link (``delete`` removes the link).
+
+        Raises:
+            ValueError: the key is malformed (see :func:`~trainguard.store.base.check_key`).
+            UnsafePath: a component below the root is a symbolic link.
+        """
+        parts = check_key(key).split("/")
+        path = self.root
+        for i, part in enumerate(parts):
+            path = path / part
+            if final_link_ok and i == len(parts) - 1:
+                break
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return self.root.joinpath(*parts)  # nothing further exists to be a link
+            except OSError as exc:
+                raise StoreError(f"cannot stat {path}: {exc.strerror}") from exc
+            if stat.S_ISLNK(mode):
+                raise link_refused(path)
+        return path
 
     # -- writing -------------------------------------------------------------------------
 
@@ -229,23 +284,31 @@ class LocalStore:
 
     def write(self, key: str, data: Data) -> int:
         """Atomically and durably write ``data`` at ``key``; returns bytes written."""
+        return self._publish(key, data, exclusive=False)
+
+    def create(self, key: str, data: Data) -> int:
+        """Write ``data`` at ``key`` only if nothing is there: never overwrites.
+
+        The whole file appears at once (a hard link of the finished temp file, which
+        fails when the name exists); on a filesystem without hard links, an existence
+        check and a rename (the run directory's writer lock keeps others out).
+
+        Raises:
+            FileExistsError: ``key`` exists already; nothing was written.
+        """
+        return self._publish(key, data, exclusive=True)
+
+    def _publish(self, key: str, data: Data, *, exclusive: bool) -> int:
         final = self.path(key)
         tmp = final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}.{secrets.token_hex(4)}")
         try:
             self._makedirs(final.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            writer = _StreamWriter(fd, self._pool, self.direct_io)
-            try:
-                for view in _chunks(data):
-                    writer.add(view)
-                total = writer.finish()
-                os.fsync(fd)
-            except BaseException:
-                writer.abort()
-                raise
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
+            total = self._write_temp(tmp, data)
+            if exclusive:
+                if _link_exclusive(tmp, final):
+                    tmp.unlink()
+            else:
+                os.replace(tmp, final)
             fsync_dir(final.parent)
             return total
         except BaseException as exc:
@@ -253,33 +316,73 @@ class LocalStore:
                 tmp.unlink()
             except OSError:
                 pass
+            if isinstance(exc, FileExistsError) and exclusive:
+                raise FileExistsError(f"{final} exists already; not overwritten") from None
             if isinstance(exc, OSError):
                 raise StoreError(f"cannot write {final}: {exc.strerror or exc}") from exc
             raise
 
+    def _write_temp(self, tmp: Path, data: Data) -> int:
+        """Write and fsync ``data`` to a fresh temp file; returns its size."""
+        # O_EXCL: a file (or link) planted at the temp name is never written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o644)
+        writer = _StreamWriter(fd, self._pool, self.direct_io)
+        try:
+            for view in _chunks(data):
+                writer.add(view)
+            total = writer.finish()
+            os.fsync(fd)
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            os.close(fd)
+        return total
+
     # -- reading -------------------------------------------------------------------------
 
     def size(self, key: str) -> int:
-        """Size of ``key`` in bytes."""
+        """Size of ``key`` in bytes.
+
+        Raises:
+            FileNotFoundError: ``key`` does not exist.
+            UnsafePath: ``key`` is a link or not a regular file.
+        """
+        path = self.path(key)
         try:
-            return self.path(key).stat().st_size
+            info = os.lstat(path)
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise StoreError(f"cannot stat {self.path(key)}: {exc.strerror}") from exc
+            raise StoreError(f"cannot stat {path}: {exc.strerror}") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise special_refused(path, info.st_mode)
+        return info.st_size
 
     def exists(self, key: str) -> bool:
-        """Whether ``key`` is a file in the store."""
-        return self.path(key).is_file()
+        """Whether ``key`` is a regular file in the store.
+
+        Raises:
+            UnsafePath: the key's path crosses a symbolic link.
+        """
+        try:
+            return stat.S_ISREG(os.lstat(self.path(key)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> memoryview:
-        """Read a byte range of ``key``; whole large files are read with O_DIRECT."""
+        """Read a byte range of ``key``; whole large files are read with O_DIRECT.
+
+        Raises:
+            FileNotFoundError: ``key`` does not exist.
+            UnsafePath: ``key`` is a link or not a regular file (never opened blocking).
+        """
         path = self.path(key)
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"bad range offset={offset} length={length} for {key!r}")
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+            fd = open_regular(path, os.O_RDONLY)
+        except (FileNotFoundError, UnsafePath):
             raise
         except OSError as exc:
             raise StoreError(f"cannot open {path}: {exc.strerror}") from exc
@@ -338,14 +441,20 @@ class LocalStore:
             return self._executor
 
     def list(self, prefix: str = "") -> list[str]:
-        """Every key under ``prefix`` (recursive, sorted); temp files are not keys."""
+        """Every key under ``prefix`` (recursive, sorted); temp files are not keys.
+
+        Links to files and special files are listed (a reader then refuses them, naming
+        them); links to directories are not followed, so nothing under them is listed.
+        """
         base = self.path(prefix.rstrip("/")) if prefix.strip("/") else self.root
-        if base.is_file():
-            return [prefix]
-        if not base.is_dir():
+        try:
+            mode = os.lstat(base).st_mode
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        if not stat.S_ISDIR(mode):
+            return [prefix]
         keys = []
-        for dirpath, dirnames, filenames in os.walk(base):
+        for dirpath, dirnames, filenames in os.walk(base):  # never follows links
             dirnames.sort()
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in filenames:
@@ -354,8 +463,11 @@ class LocalStore:
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        """Delete ``key`` and prune directories it leaves empty (up to the root)."""
-        path = self.path(key)
+        """Delete ``key`` and prune directories it leaves empty (up to the root).
+
+        A key that is a link is deleted as a link: its target is never touched.
+        """
+        path = self.path(key, final_link_ok=True)
         try:
             path.unlink()
         except FileNotFoundError:
@@ -396,4 +508,5 @@ class LocalStore:
         base = self.path(prefix.rstrip("/"))
         if not base.is_dir():
             return []
-        return sorted(entry.name for entry in os.scandir(base) if entry.is_dir())
+        return sorted(entry.name for entry in os.scandir(base)
+                      if entry.is_dir(follow_symlinks=False))

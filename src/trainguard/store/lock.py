@@ -5,6 +5,11 @@ by ``kill -9``, so a crashed writer never blocks the next attempt. The file also
 who holds it (pid, host, since) so a refusal can name the holder. Where ``flock`` is not
 supported (some network filesystems), the recorded pid/host decides: a lock whose holder
 ran on this host and is no longer alive is stale and taken over.
+
+The lock file is opened with ``O_NOFOLLOW`` and must be a regular file: a link planted at
+its name (``RUN/.trainguard.lock -> ~/.bashrc``) would otherwise make every writer
+truncate the link's target. Such a path is refused with
+:class:`~trainguard.errors.UnsafePath`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import weakref
 from pathlib import Path
 
 from trainguard.errors import LockHeld
+from trainguard.store.paths import open_regular
 
 _FLOCK_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 _HELD: weakref.WeakSet = weakref.WeakSet()  # locks this process holds
@@ -70,11 +76,14 @@ class FileLock:
         """Whether this object currently holds the lock."""
         return self._fd is not None
 
-    def _holder(self) -> dict:
+    @staticmethod
+    def _holder(fd: int) -> dict:
+        """The holder's record, read through our own fd (never by path: no link race)."""
         try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
+            record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (OSError, ValueError, RecursionError):
             return {}
+        return record if isinstance(record, dict) else {}
 
     def _refuse(self, holder: dict) -> LockHeld:
         who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
@@ -93,17 +102,18 @@ class FileLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)  # UnsafePath for a link/FIFO
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = self._holder(fd)
                 os.close(fd)
-                raise self._refuse(self._holder()) from None
+                raise self._refuse(holder) from None
             if exc.errno not in _FLOCK_UNSUPPORTED:
                 os.close(fd)
                 raise
-            holder = self._holder()  # no flock here: fall back to the pid/host record
+            holder = self._holder(fd)  # no flock here: fall back to the pid/host record
             if holder and holder.get("pid") != os.getpid() and not self._stale(holder):
                 os.close(fd)
                 raise self._refuse(holder) from None
@@ -122,6 +132,20 @@ class FileLock:
             return False  # cannot see another host's processes: assume alive
         pid = holder.get("pid")
         return not isinstance(pid, int) or not pid_alive(pid)
+
+    def confirm(self) -> FileLock:
+        """Check, right before publishing or deleting, that the lock is still held.
+
+        An flock lasts as long as the fd: nothing can take it from a live holder, so this
+        only checks that this object holds it.
+
+        Raises:
+            LockHeld: this object does not hold the lock.
+        """
+        if self._fd is None:
+            raise LockHeld(f"{self.path.parent}: this process does not hold the writer lock "
+                           f"{self.path}; take it (acquire) before writing")
+        return self
 
     def release(self) -> None:
         """Release the lock (idempotent). The file stays; its flock is what counts."""

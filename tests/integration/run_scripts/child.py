@@ -50,12 +50,15 @@ def latest_step(run_dir: Path) -> int:
 
 
 def checkpoint_contents(run_dir: Path, step: int) -> tuple[dict, dict]:
-    """(state.json as parsed JSON, every tensor of every shard) of one checkpoint."""
+    """(the state file as parsed JSON, every tensor of every shard) of one checkpoint,
+    by the names its manifest gives them (each save names its files uniquely)."""
     directory = run_dir / "checkpoints" / f"step-{step:09d}"
+    manifest = next(i for i in CheckpointManager(run_dir).list() if i.step == step).manifest
     tensors: dict = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        tensors.update(safetensors.torch.load_file(shard))
-    return json.loads((directory / "state.json").read_text()), tensors
+    for name in sorted(manifest.files):
+        if name.endswith(".safetensors"):
+            tensors.update(safetensors.torch.load_file(directory / name))
+    return json.loads((directory / manifest.state_file).read_text()), tensors
 
 
 def metric_lines(run_dir: Path) -> list[dict]:
