@@ -47,7 +47,7 @@ def test_best_picks_like_keep_best_and_info_reads_as_documented(run_dir):
     # The documented fields of the parsed manifest, and their shortcuts on the info.
     assert best.manifest.metrics == best.metrics and best.manifest.reason == best.reason
     assert best.manifest.tags == best.tags == {"by": "test"}
-    assert "state.json" in best.manifest.files and best.manifest.created_at > 0
+    assert best.manifest.state_file in best.manifest.files and best.manifest.created_at > 0
 
 
 def test_export_best_writes_a_plain_state_dict(run_dir, tmp_path):
