@@ -64,3 +64,40 @@ def s3_env(s3_server, monkeypatch, request):
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     s3_server.create_bucket(bucket)
     return bucket
+
+
+# -- the fuzz suite's counts, printed at the end (tests/fuzz/harness.py counts them) -------
+# Under pytest-xdist the cases run in workers: each hands its counts to the controller.
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        from tests.fuzz.harness import CASES, FAILURES
+
+        workeroutput["fuzz"] = [dict(CASES), dict(FAILURES)]
+
+
+_FUZZ_GATHERED: list[dict] = []
+
+try:
+    import xdist  # noqa: F401
+
+    def pytest_testnodedown(node, error):
+        _FUZZ_GATHERED.append(node.workeroutput.get("fuzz", [{}, {}]))
+except ImportError:  # pragma: no cover - the dev extra installs xdist
+    pass
+
+
+def pytest_terminal_summary(terminalreporter):
+    from collections import Counter
+
+    from tests.fuzz.harness import CASES, EXAMPLES, FAILURES
+
+    cases, failures = Counter(CASES), Counter(FAILURES)
+    for worker_cases, worker_failures in _FUZZ_GATHERED:
+        cases.update(worker_cases)
+        failures.update(worker_failures)
+    if cases:
+        detail = ", ".join(f"{name} {count}" for name, count in sorted(cases.items()))
+        terminalreporter.write_line(
+            f"fuzz: {sum(cases.values())} cases run ({detail}), {sum(failures.values())} "
+            f"failing cases (TRAINGUARD_FUZZ_EXAMPLES={EXAMPLES} per test)")
