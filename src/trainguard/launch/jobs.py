@@ -40,6 +40,17 @@ CREATE TABLE IF NOT EXISTS attempts (
 """
 
 
+def _translated(method):
+    """A JobTable method whose SQLite errors become one :class:`JobTableError`."""
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise _table_error(self.path, exc) from exc
+    wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
+    return wrapper
+
+
 def _private(path: Path) -> None:
     """Create ``path`` as 0600 if missing, or narrow it to 0600 (an older, 0644 table)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -53,6 +64,24 @@ class JobNotFound(TrainguardError):
     """No job with that id (or id prefix)."""
 
     exit_code = 2
+
+
+class JobTableError(TrainguardError):
+    """The job table cannot be opened or written (corrupt, read-only, not a database)."""
+
+    exit_code = 1
+
+
+def _table_error(path: Path, exc: sqlite3.Error) -> JobTableError:
+    text = str(exc)
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        fix = (f"make it writable (chmod u+w {path} {path.parent}) or point TRAINGUARD_HOME "
+               f"at a writable directory")
+    else:
+        fix = (f"move it aside (mv {path} {path}.broken) and run again: a new, empty table "
+               f"is made; the jobs listed in the old one are forgotten, their run "
+               f"directories are untouched")
+    return JobTableError(f"the job table {path} cannot be used ({text}); {fix}")
 
 
 def trainguard_home() -> Path:
@@ -80,22 +109,30 @@ class JobTable:
 
     def __init__(self, home: str | os.PathLike | None = None) -> None:
         self.home = Path(home) if home else trainguard_home()
-        self.home.mkdir(parents=True, exist_ok=True)
         self.path = self.home / "jobs.db"
-        _private(self.path)
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(_SCHEMA)
-        for suffix in ("-wal", "-shm"):  # made by the first write in WAL mode
-            _private(self.path.with_name(self.path.name + suffix))
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            _private(self.path)
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.executescript(_SCHEMA)
+            for suffix in ("-wal", "-shm"):  # made by the first write in WAL mode
+                _private(self.path.with_name(self.path.name + suffix))
+        except sqlite3.Error as exc:
+            raise _table_error(self.path, exc) from exc
+        except OSError as exc:
+            raise JobTableError(f"the job table {self.path} cannot be opened ({exc}); make "
+                                f"{self.home} a writable directory or point TRAINGUARD_HOME "
+                                f"elsewhere") from exc
 
     def job_dir(self, job_id: str) -> Path:
         """The directory of a job's logs."""
         return self.home / "jobs" / job_id
 
+    @_translated
     def create(self, spec: JobSpec, backend: str = "local") -> str:
         """Record a new pending job; returns its id."""
         job_id = secrets.token_hex(4)
@@ -107,6 +144,7 @@ class JobTable:
         self.job_dir(job_id).mkdir(parents=True, exist_ok=True)
         return job_id
 
+    @_translated
     def resolve(self, prefix: str) -> str:
         """The full id of the job whose id starts with ``prefix``.
 
@@ -122,6 +160,7 @@ class JobTable:
                               f"({', '.join(r['id'] for r in rows)}); give more characters")
         return rows[0]["id"]
 
+    @_translated
     def get(self, job_id: str) -> dict:
         """The job's row as a dict (with ``spec`` parsed)."""
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -131,6 +170,7 @@ class JobTable:
         job["spec"] = JobSpec.from_json(job["spec"]) if job["spec"] else None
         return job
 
+    @_translated
     def stop_requested(self, job_id: str) -> int:
         """The job's stop request (0 none, 1 graceful, 2 now): one column, no spec parse,
         cheap enough for the supervisor's poll loop."""
@@ -138,24 +178,35 @@ class JobTable:
                                (job_id,)).fetchone()
         return (row[0] or 0) if row else 0
 
+    @_translated
     def all(self) -> list[dict]:
         """Every job, newest first (spec left as JSON text)."""
         return [dict(r) for r in self._db.execute("SELECT * FROM jobs ORDER BY created DESC")]
 
+    @_translated
     def update(self, job_id: str, **fields) -> None:
         """Set columns of a job (and its ``updated`` time)."""
         fields["updated"] = time.time()
         names = ", ".join(f"{k} = ?" for k in fields)
         self._db.execute(f"UPDATE jobs SET {names} WHERE id = ?", (*fields.values(), job_id))
 
+    @_translated
     def start_attempt(self, job_id: str, n: int) -> None:
         self._db.execute("INSERT OR REPLACE INTO attempts (job_id, n, started) VALUES (?, ?, ?)",
                          (job_id, n, time.time()))
 
+    @_translated
     def end_attempt(self, job_id: str, n: int, exit_code: int | None, reason: str) -> None:
         self._db.execute("UPDATE attempts SET ended = ?, exit_code = ?, reason = ? "
                          "WHERE job_id = ? AND n = ?", (time.time(), exit_code, reason, job_id, n))
 
+    @_translated
+    def sql(self, statement: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """Run one statement on the table's database (backends keep their own tables
+        beside ``jobs``, e.g. ``modal_calls``); its rows."""
+        return self._db.execute(statement, params).fetchall()
+
+    @_translated
     def attempts(self, job_id: str) -> list[Attempt]:
         rows = self._db.execute("SELECT n, started, ended, exit_code, reason FROM attempts "
                                 "WHERE job_id = ? ORDER BY n", (job_id,))

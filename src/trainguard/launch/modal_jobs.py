@@ -138,25 +138,24 @@ class RealModalClient:
 
 
 def _table(table: JobTable) -> JobTable:
-    table._db.execute(_SCHEMA)
-    columns = {r[1] for r in table._db.execute("PRAGMA table_info(modal_calls)")}
+    table.sql(_SCHEMA)
+    columns = {r[1] for r in table.sql("PRAGMA table_info(modal_calls)")}
     if "app_stopped" not in columns:  # a table made by an older trainguard
-        table._db.execute("ALTER TABLE modal_calls ADD COLUMN app_stopped INTEGER DEFAULT 0")
+        table.sql("ALTER TABLE modal_calls ADD COLUMN app_stopped INTEGER DEFAULT 0")
     return table
 
 
 def record_call(table: JobTable, job_id: str, app_id: str, call_id: str, app_name: str) -> None:
     """Remember which Modal app and function call run ``job_id``."""
-    _table(table)._db.execute("INSERT OR REPLACE INTO modal_calls (job_id, app_id, call_id, "
-                              "app_name) VALUES (?, ?, ?, ?)",
-                              (job_id, app_id, call_id, app_name))
+    _table(table).sql("INSERT OR REPLACE INTO modal_calls (job_id, app_id, call_id, app_name) "
+                      "VALUES (?, ?, ?, ?)", (job_id, app_id, call_id, app_name))
 
 
 def modal_call(table: JobTable, job_id: str) -> dict | None:
     """``{"app_id", "call_id", "app_name", "app_stopped"}`` of a Modal job (None: not one)."""
-    row = _table(table)._db.execute("SELECT app_id, call_id, app_name, app_stopped FROM "
-                                    "modal_calls WHERE job_id = ?", (job_id,)).fetchone()
-    return dict(row) if row else None
+    rows = _table(table).sql("SELECT app_id, call_id, app_name, app_stopped FROM modal_calls "
+                             "WHERE job_id = ?", (job_id,))
+    return dict(rows[0]) if rows else None
 
 
 def masked(spec: JobSpec) -> JobSpec:
@@ -201,7 +200,7 @@ def _end_app(table: JobTable, job_id: str, call: dict, client: ModalClient) -> N
     if call["app_stopped"]:
         return
     client.stop_app(call["app_id"])
-    table._db.execute("UPDATE modal_calls SET app_stopped = 1 WHERE job_id = ?", (job_id,))
+    table.sql("UPDATE modal_calls SET app_stopped = 1 WHERE job_id = ?", (job_id,))
 
 
 def _record_commit(table: JobTable, job: dict, client: ModalClient) -> None:
