@@ -17,6 +17,7 @@ has them masked (they travel to Modal as a ``modal.Secret``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 from typing import Protocol
@@ -25,6 +26,8 @@ from trainguard.errors import TrainguardError
 from trainguard.launch.jobs import FINAL, JobTable
 from trainguard.launch.modal_backend import ModalOptions, build_app, build_plan
 from trainguard.launch.spec import JobSpec
+
+log = logging.getLogger("trainguard.modal")
 
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS modal_calls (job_id TEXT PRIMARY KEY, app_id TEXT, "
            "call_id TEXT, app_name TEXT, app_stopped INTEGER DEFAULT 0)")
@@ -205,7 +208,11 @@ def _end_app(table: JobTable, job_id: str, call: dict, client: ModalClient) -> N
 
 def _record_commit(table: JobTable, job: dict, client: ModalClient) -> None:
     """The newest committed step, read from the volume (what ``ps`` shows as COMMIT)."""
-    step = client.last_commit(job["run_dir"]) if job.get("run_dir") else None
+    try:
+        step = client.last_commit(job["run_dir"]) if job.get("run_dir") else None
+    except Exception as exc:  # a nicety of ps/status: never the reason they fail
+        log.debug("cannot read the last commit of %s: %r", job["run_dir"], exc)
+        return
     if step is not None and step != job.get("last_commit_step"):
         table.update(job["id"], last_commit_step=step, step=step)
 
