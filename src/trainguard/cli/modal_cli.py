@@ -6,6 +6,7 @@ Modal client is reached only through :func:`client` (tests replace it with a fak
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import click
@@ -105,6 +106,17 @@ def _modal_error(exc: Exception) -> bool:
         exc, (ConnectionError, OSError, TimeoutError))
 
 
+@contextlib.contextmanager
+def _talking_to_modal(what: str):
+    """Modal's own errors (unreachable, refused, not found) as one line naming ``what``."""
+    try:
+        yield
+    except Exception as exc:
+        if not _modal_error(exc):
+            raise
+        raise TrainguardError(f"cannot {what}: {type(exc).__name__}: {exc}") from exc
+
+
 def refresh(table: JobTable, job: dict) -> dict:
     """The job row, with a Modal job's status refreshed from Modal (best effort)."""
     if job.get("backend") != "modal" or job["status"] in ("succeeded", "failed", "stopped"):
@@ -131,13 +143,9 @@ def logs(table: JobTable, job_id: str, follow: bool = False, tail: int = 1000) -
     if call is None:
         raise click.UsageError(f"job {job_id} has no recorded Modal call (its launch failed: "
                                f"`trainguard status {job_id}` says why)")
-    try:
+    with _talking_to_modal(f"read the logs of job {job_id} from Modal"):
         for text in client().logs(call["call_id"], follow=follow, tail=tail):
             click.echo(text, nl=False)
-    except Exception as exc:
-        if not _modal_error(exc):
-            raise
-        raise TrainguardError(f"cannot read the logs of job {job_id} from Modal: {exc}") from exc
     if follow:
         refresh(table, table.get(job_id))
         click.echo(f"--- job {job_id} {table.get(job_id)['status']}", err=True)
@@ -152,7 +160,8 @@ def stop(table: JobTable, job_id: str, wait: bool = True, timeout: float = 300.0
     if wait:
         click.echo(f"stopping job {job_id}: " + ("killing its containers" if now else
                                                  "the run saves and commits first"), err=True)
-    status = stop_call(table, job_id, client(), wait=wait, timeout=timeout, now=now)
+    with _talking_to_modal(f"stop job {job_id} on Modal"):
+        status = stop_call(table, job_id, client(), wait=wait, timeout=timeout, now=now)
     if status == "stopping":
         click.echo(f"stop requested for {job_id} (modal call cancelled); `trainguard status "
                    f"{job_id}` shows when it has ended")
