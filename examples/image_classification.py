@@ -114,7 +114,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="random seed")
     parser.add_argument("--log-interval", type=int, default=5, help="batches between logs")
     parser.add_argument("--workers", type=int, default=2, help="data loader processes")
-    parser.add_argument("--save-dir", default="runs/digits_cnn", help="where the model goes")
+    parser.add_argument("--save-dir", default=os.environ.get("TRAINGUARD_RUN_DIR",
+                                                             "runs/digits_cnn"),
+                        help="where the model goes")
     parser.add_argument("--save-model", action="store_true", help="save the trained model")
     args = parser.parse_args()
 

@@ -54,7 +54,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", default="runs/digits")
+    parser.add_argument("--run-dir", default=os.environ.get("TRAINGUARD_RUN_DIR", "runs/digits"),
+                        help="default: $TRAINGUARD_RUN_DIR (set by `trainguard run`), "
+                             "else runs/digits")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--save-every", type=int, default=25, help="also the eval interval")
     parser.add_argument("--preempt-at", type=int, default=None,

@@ -88,7 +88,9 @@ def sample(model: nn.Module, prompt: torch.Tensor, length: int, context: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", default="runs/lm")
+    parser.add_argument("--run-dir", default=os.environ.get("TRAINGUARD_RUN_DIR", "runs/lm"),
+                        help="default: $TRAINGUARD_RUN_DIR (set by `trainguard run`), "
+                             "else runs/lm")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--context", type=int, default=64)

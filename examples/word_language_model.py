@@ -43,7 +43,8 @@ parser.add_argument("--dropout", type=float, default=0.2, help="dropout on layer
 parser.add_argument("--tied", action="store_true", help="tie the word embedding and softmax")
 parser.add_argument("--seed", type=int, default=1111, help="random seed")
 parser.add_argument("--log-interval", type=int, default=5, help="report interval")
-parser.add_argument("--save-dir", default="runs/word_lm", help="where the best model goes")
+parser.add_argument("--save-dir", default=os.environ.get("TRAINGUARD_RUN_DIR", "runs/word_lm"),
+                    help="where the best model goes")
 args = parser.parse_args()
 
 torch.manual_seed(args.seed)

@@ -178,9 +178,18 @@ def validate(manifest: DataManifest, root: str | os.PathLike) -> list[str]:
             problems.append(f"changed: {rel}")
         elif manifest.hashed and _hash_file(present[rel]) != record.checksum:
             problems.append(f"changed (checksum): {rel}")
-    if not manifest.files:
+    if not manifest.files and not present:
+        problems.append(f"{base} has no data files (matching {manifest.pattern!r}): put the "
+                        f"data there, or fix the path or the pattern")
+    elif not manifest.files:
         problems.append("the manifest lists no files")
     return problems
+
+
+def no_data(problems: list[str]) -> bool:
+    """Whether ``problems`` (from :func:`validate`) say the directory holds no data at all:
+    rebuilding the manifest cannot fix that."""
+    return any(" has no data files " in p for p in problems)
 
 
 def check_requirements(totals: dict[str, float], require: Sequence[str]) -> list[str]:

@@ -82,7 +82,8 @@ def test_detached_job_survives_its_launcher_and_resumes_after_crash_and_preempti
          "--volume", "journeys", "--name", "journey", "--detach", "--gpu", "H100",
          "--timeout", "10m", "--retries", "2", "--retry-delay", "1", "--add-local",
          "config.json", "--env", f"SECRET_TOKEN={secret}", "--",
-         "--steps", "30", "--save-every", "2", "--crash-at", "5", "--sleep", "0.3"],
+         "--steps", "30", "--save-every", "2", "--crash-at", "5", "--sleep", "0.3",
+         "--hold-at", "20", "--hold-file", str(tmp_path / "preempted")],
         cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # The launcher dies (kill -9) as soon as the job is recorded: the job must live on.
     call_id = plane.wait_for(lambda s: (_call(s, "journey") or {}).get("call_id"))
@@ -105,13 +106,15 @@ def test_detached_job_survives_its_launcher_and_resumes_after_crash_and_preempti
     step = int(synced.stdout.split("step ")[1].split()[0])
     assert step in committed_steps(plane, "journey") and step > after_crash
 
-    # Preemption: SIGINT, the Run commits, a new container resumes from that commit.
+    # Preemption: SIGINT, the Run commits, a new container resumes from that commit. (The
+    # script waits at step 20 until then, so a slow machine cannot finish it first.)
     preempted_task = plane.preempt(call_id)
     attempts = plane.wait_for(lambda s: len(_attempts(s, "journey")) >= 3
                               and _attempts(s, "journey"))
     assert attempts[1]["outcome"] == "preempted" and attempts[1]["task_id"] == preempted_task
     assert attempts[2]["task_id"] not in (attempts[0]["task_id"], attempts[1]["task_id"])
     after_preemption = committed_steps(plane, "journey")[-1]
+    (tmp_path / "preempted").touch()  # from here the run may pass step 20
 
     # `logs -f` from a new process follows the job to its end.
     followed = tg(env, "logs", job["id"], "-f")

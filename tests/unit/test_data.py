@@ -109,3 +109,15 @@ def test_cli_build_check_scan(tmp_path):
     assert bad.exit_code == 2 and "must look like" in bad.output
     missing = runner.invoke(cli, ["data", "check", str(tmp_path / "none")])
     assert missing.exit_code == 4 and "no data manifest" in missing.output
+
+
+def test_a_directory_built_empty_is_named_empty_not_stale(tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir()
+    runner = CliRunner()
+    assert runner.invoke(cli, ["data", "build", str(root)]).exit_code == 0
+    checked = runner.invoke(cli, ["data", "check", str(root)])
+    assert checked.exit_code == 4
+    assert f"{root} has no data files" in checked.output and "stale" not in checked.output
+    with pytest.raises(DataGateFailed, match="has no data files"):
+        DataGate(str(root)).check(log=lambda msg: None)

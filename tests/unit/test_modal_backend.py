@@ -122,13 +122,13 @@ def test_env_values_and_secrets_never_show_in_the_plan_nor_the_job(project, monk
 
 def test_a_refused_launch_is_one_line_and_the_job_is_recorded_failed(project, tmp_path,
                                                                       monkeypatch):
-    from trainguard.cli import modal_cli
+    from trainguard.launch import modal_jobs
 
     class Refusing:
         def start(self, app, function, job, *, detach, started):
             raise ConnectionRefusedError("cannot reach api.modal.com")
 
-    monkeypatch.setattr(modal_cli, "_CLIENT_FACTORY", Refusing)
+    monkeypatch.setattr(modal_jobs, "CLIENT_FACTORY", Refusing)
     monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(project)
     out = CliRunner().invoke(cli, ["run", "train.py", "--backend", "modal", "--volume", "runs",
@@ -272,7 +272,7 @@ class FakeClient:
         self.calls.append(("poll", call_id))
         return self.state
 
-    def logs(self, call_id, *, follow, tail):
+    def logs(self, call_id, *, follow, tail, since=None):
         self.calls.append(("logs", call_id, follow))
         yield f"logs of {call_id}\n"
 
@@ -288,11 +288,11 @@ class FakeClient:
 
 
 def test_detached_modal_jobs_are_tracked_through_the_seam(project, tmp_path, monkeypatch):
-    from trainguard.cli import modal_cli
+    from trainguard.launch import modal_jobs
     from trainguard.launch.modal_jobs import modal_call
 
     fake = FakeClient()
-    monkeypatch.setattr(modal_cli, "_CLIENT_FACTORY", lambda: fake)
+    monkeypatch.setattr(modal_jobs, "CLIENT_FACTORY", lambda: fake)
     monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MODAL_TOKEN_ID", "ak-x")
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-x")
@@ -316,10 +316,10 @@ def test_detached_modal_jobs_are_tracked_through_the_seam(project, tmp_path, mon
 
 
 def test_modal_launch_is_refused_before_start_when_preflight_fails(project, tmp_path, monkeypatch):
-    from trainguard.cli import modal_cli
+    from trainguard.launch import modal_jobs
 
     fake = FakeClient()
-    monkeypatch.setattr(modal_cli, "_CLIENT_FACTORY", lambda: fake)
+    monkeypatch.setattr(modal_jobs, "CLIENT_FACTORY", lambda: fake)
     monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
     for name in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"):
         monkeypatch.delenv(name, raising=False)
@@ -329,3 +329,42 @@ def test_modal_launch_is_refused_before_start_when_preflight_fails(project, tmp_
                                    "--detach"])
     assert out.exit_code == 6 and "modal token new" in out.output
     assert fake.calls == []
+
+
+def test_a_modal_job_holds_its_run_dir_and_resumes_with_its_recorded_options(project, tmp_path,
+                                                                            monkeypatch):
+    from trainguard.launch import modal_jobs
+
+    fake = FakeClient()
+    monkeypatch.setattr(modal_jobs, "CLIENT_FACTORY", lambda: fake)
+    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(project)
+    runner = CliRunner()
+    launch = ["run", "train.py", "--backend", "modal", "--volume", "runs", "--gpu", "A10G",
+              "--requirements", "requirements.txt", "--no-preflight", "--detach"]
+    job_id = runner.invoke(cli, launch).output.splitlines()[0]
+    second = runner.invoke(cli, launch)
+    assert second.exit_code == 2 and f"job {job_id} already runs on modal://runs/train" in \
+        second.output
+    assert runner.invoke(cli, ["resume", job_id]).exit_code == 2  # still running: refused
+    assert runner.invoke(cli, ["stop", job_id]).exit_code == 0
+    fake.state = ("running", "")
+    resumed = runner.invoke(cli, ["resume", job_id, "--detach"])
+    assert resumed.exit_code == 0, resumed.output
+    starts = [c for c in fake.calls if c[0] == "start"]
+    assert len(starts) == 2 and starts[1] == starts[0]  # the same app, the same run dir
+    row = JobTable().get(job_id)
+    assert row["status"] == "running" and modal_jobs.modal_call(JobTable(), job_id)[
+        "options"].gpu == "A10G"
+    assert len(JobTable().all()) == 1  # the same job, not a new one
+
+    runner.invoke(cli, ["stop", job_id])
+    removed = runner.invoke(cli, ["rm", job_id])
+    assert removed.exit_code == 0 and modal_jobs.modal_call(JobTable(), job_id) is None
+
+    with_env = runner.invoke(cli, [*launch, "--env", "WANDB_API_KEY=abc"])
+    env_job = with_env.output.splitlines()[0]
+    runner.invoke(cli, ["stop", env_job])
+    refused = runner.invoke(cli, ["resume", env_job])
+    assert refused.exit_code == 1 and "--env WANDB_API_KEY" in refused.output
+    assert "abc" not in refused.output

@@ -234,7 +234,7 @@ def test_dry_run_shows_gpu_processes_nodes_command_and_cluster(project, monkeypa
 
 def test_launch_spawns_the_clustered_function_with_the_torchrun_job(project, tmp_path,
                                                                    monkeypatch):
-    from trainguard.cli import modal_cli
+    from trainguard.launch import modal_jobs
 
     started_ = []
 
@@ -243,7 +243,7 @@ def test_launch_spawns_the_clustered_function_with_the_torchrun_job(project, tmp
             started_.append((function.info().cluster_info, job))
             return "ap-1", "fc-1"
 
-    monkeypatch.setattr(modal_cli, "_CLIENT_FACTORY", Client)
+    monkeypatch.setattr(modal_jobs, "CLIENT_FACTORY", Client)
     monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(project)
     out = CliRunner().invoke(cli, ["run", "train.py", "--backend", "modal", "--volume", "v",

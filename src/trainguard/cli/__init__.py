@@ -18,6 +18,8 @@ from trainguard.cli.data import data_group
 from trainguard.cli.jobs import (
     logs_command,
     ps_command,
+    resume_command,
+    rm_command,
     run_command,
     status_command,
     stop_command,
@@ -60,7 +62,7 @@ cli.add_command(verify_command)
 cli.add_command(gc_command)
 cli.add_command(data_group)
 for _command in (run_command, ps_command, status_command, logs_command, stop_command,
-                 sync_command, preflight_command):
+                 rm_command, resume_command, sync_command, preflight_command):
     cli.add_command(_command)
 from trainguard.cli import export  # noqa: E402,F401  registers `trainguard export`
 

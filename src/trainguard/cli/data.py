@@ -71,6 +71,8 @@ def check_command(directory: str, requirements: tuple[str, ...]) -> None:
         raise DataGateFailed(f"{directory} has no data manifest; run "
                              f"`trainguard data build {directory}` first")
     problems = data.validate(manifest, directory)
+    if data.no_data(problems):
+        raise DataGateFailed(problems[-1])
     if problems:
         shown = "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
         raise DataGateFailed(f"data manifest of {directory} is stale: {shown}. "

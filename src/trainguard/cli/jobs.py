@@ -1,4 +1,5 @@
-"""``trainguard run | ps | status | logs | stop | sync``: jobs that survive their launcher."""
+"""``trainguard run | ps | status | logs | stop | rm | resume | sync``: jobs that survive
+their launcher. Every verb goes through the job's backend (``launch/backends.py``)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from trainguard.launch import (
     launch,
     parse_duration,
 )
-from trainguard.launch.jobs import FINAL
-from trainguard.store.lock import pid_alive
+from trainguard.launch.backends import BackendUnreachable, backend_for, ended
+from trainguard.launch.jobs import FINAL, live_status
 
 
 class Duration(click.ParamType):
@@ -213,42 +214,51 @@ def _age(ts: float | None) -> str:
     return format_duration(time.time() - ts) if ts else "-"
 
 
+def _running(job: dict) -> bool:
+    return job["status"] in ("running", "pending")
+
+
 def _eta(job: dict) -> str:
-    if job.get("speed") and job.get("total") and job.get("step") is not None:
+    if (_running(job) and job.get("speed") and job.get("total")
+            and job.get("step") is not None):
         return format_duration((job["total"] - job["step"]) / job["speed"])
     return "-"
 
 
+def _speed(job: dict) -> str:
+    return f"{job['speed']:.2f}/s" if _running(job) and job.get("speed") else "-"
+
+
 def _status(job: dict) -> str:
     """The job's status, or ``lost`` when its supervisor died without recording an end."""
-    if job["status"] in FINAL or job["backend"] != "local" or not job.get("supervisor_pid"):
-        return job["status"]
-    return job["status"] if pid_alive(job["supervisor_pid"]) else "lost"
+    return live_status(job)
 
 
 def _summary(job: dict) -> str:
     step = f"{job['step']}/{job['total'] or '?'}" if job.get("step") is not None else "-"
-    return (f"{job['id']} {_status(job)} attempt {job['attempt']} step {step} "
-            f"commit {job.get('last_commit_step') if job.get('last_commit_step') is not None else '-'}"
-            f" ({_age(job.get('last_commit_at'))} ago) speed "
-            f"{(job.get('speed') or 0):.2f}/s eta {_eta(job)} cost ${job.get('cost_usd') or 0:.2f}")
+    commit = job.get("last_commit_step")
+    return (f"{job['id']} {_status(job)} attempt {job['attempt']} step {step} commit "
+            f"{commit if commit is not None else '-'} ({_age(job.get('last_commit_at'))} ago)"
+            f" speed {_speed(job)} eta {_eta(job)} cost ${job.get('cost_usd') or 0:.2f}")
 
 
-def _refresh_modal(table: JobTable, job: dict) -> dict:
-    """A Modal job's row with its status asked from Modal; other jobs unchanged."""
-    if job.get("backend") != "modal":
-        return job
-    from trainguard.cli import modal_cli
-
-    return modal_cli.refresh(table, job)
+def _fresh(table: JobTable, job: dict) -> dict:
+    """The job as its backend sees it now; the recorded row, with a warning, when the
+    backend cannot be reached."""
+    try:
+        return backend_for(table, job).refresh(job)
+    except BackendUnreachable as exc:
+        click.echo(f"trainguard: warning: {exc} (showing what was recorded)", err=True)
+        return job | {"status": live_status(job)}
 
 
 def _row(job: dict) -> dict:
     spec = JobSpec.from_json(job["spec"]) if isinstance(job["spec"], str) else job["spec"]
     out = {k: v for k, v in job.items() if k != "spec"}
-    out["status"] = _status(job)
     out["retries"] = spec.retry.retries
     out["script"] = spec.script
+    if not _running(job):
+        out["speed"] = None
     projected = None
     if job.get("cost_usd") and job.get("step") and job.get("total"):
         projected = job["cost_usd"] * job["total"] / job["step"]
@@ -256,15 +266,26 @@ def _row(job: dict) -> dict:
     return out
 
 
+_SHOWN_STATUSES = ("pending", "running", "retrying", "succeeded", "failed", "stopped", "lost")
+
+
 @click.command("ps")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
-@click.option("--all", "show_all", is_flag=True, help="Include finished jobs older than a day.")
-def ps_command(as_json: bool, show_all: bool) -> None:
-    """List jobs: status, attempt, step, commit age, heartbeat age, speed, ETA, cost."""
+@click.option("--all", "show_all", is_flag=True,
+              help="Include finished jobs older than a day (hidden by default).")
+@click.option("--status", "statuses", multiple=True, type=click.Choice(_SHOWN_STATUSES),
+              help="Only jobs with this status (repeatable; implies --all).")
+def ps_command(as_json: bool, show_all: bool, statuses: tuple[str, ...]) -> None:
+    """List jobs: status, attempt, step, commit age, heartbeat age, speed, ETA, cost.
+
+    Finished jobs older than a day are hidden unless --all or --status is given;
+    `trainguard rm JOB` forgets a job for good.
+    """
     table = JobTable()
-    jobs = [_refresh_modal(table, j) for j in table.all()
-            if show_all or j["status"] not in FINAL or time.time() - j["updated"] < 86400]
-    rows = [_row(j) for j in jobs]
+    recent = time.time() - 86400
+    jobs = [_fresh(table, j) for j in table.all()
+            if show_all or statuses or j["status"] not in FINAL or j["updated"] > recent]
+    rows = [_row(j) for j in jobs if not statuses or j["status"] in statuses]
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -276,10 +297,26 @@ def ps_command(as_json: bool, show_all: bool) -> None:
                   if r.get("last_commit_step") is not None else "-")
         cost = f"${r['cost_usd'] or 0:.2f}" + (f"/${r['projected_cost_usd']:.2f}"
                                                if r.get("projected_cost_usd") else "")
+        beat = _age(r.get("last_heartbeat")) if _running(r) else "-"
         click.echo(f"{r['id']:8}  {(r['name'] or '')[:14]:14}  {r['status']:9}  "
                    f"{r['attempt']}/{r['retries'] + 1:<5}  {step:>11}  {commit:>13}  "
-                   f"{_age(r.get('last_heartbeat')):>6}  {(r.get('speed') or 0):>5.2f}/s  "
-                   f"{_eta(r):>6}  {cost}")
+                   f"{beat:>6}  {_speed(r):>7}  {_eta(r):>6}  {cost}")
+    if not rows and (statuses or not show_all) and table.all():
+        click.echo("(no job matches; `trainguard ps --all` lists every job)", err=True)
+
+
+def _exit_text(code: int | None) -> str:
+    """An attempt's exit code as a person reads it (a negative one: the signal)."""
+    if code is None:
+        return "exit code -"
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 @click.command("status")
@@ -289,61 +326,73 @@ def status_command(job: str, as_json: bool) -> None:
     """Details of JOB (an id or its unique prefix) and every attempt."""
     table = JobTable()
     job_id = table.resolve(job)
-    _refresh_modal(table, table.get(job_id))
-    row = _row(table.get(job_id) | {"spec": table.get(job_id)["spec"]})
+    current = _fresh(table, table.get(job_id))
+    row = _row(current)
     attempts = table.attempts(job_id)
     if as_json:
         row["attempts"] = [a.__dict__ for a in attempts]
         click.echo(json.dumps(row, indent=1, default=str))
         return
-    click.echo(_summary(table.get(job_id)))
+    click.echo(_summary(current))
     click.echo(f"  script   {row['script']}\n  run dir  {row['run_dir']}\n"
                f"  message  {row.get('message') or '-'}\n  logs     {table.job_dir(job_id)}")
     for a in attempts:
         took = format_duration((a.ended or time.time()) - a.started)
         click.echo(f"  attempt {a.n}: {time.strftime('%H:%M:%S', time.localtime(a.started))} "
-                   f"for {took}, exit code {a.exit_code if a.exit_code is not None else '-'}"
-                   f" ({a.reason or 'running'})")
+                   f"for {took}, {_exit_text(a.exit_code)} ({a.reason or 'running'})")
+
+
+class Since(click.ParamType):
+    """``--since``: a duration back from now (``10m``, ``2h``) or a local time
+    (``14:30``, ``2026-12-02 14:30``)."""
+
+    name = "since"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        try:
+            return time.time() - parse_duration(value)
+        except ValueError:
+            pass
+        for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S",
+                    "%Y-%m-%d", "%H:%M:%S", "%H:%M"):
+            try:
+                parsed = time.strptime(value, fmt)
+            except ValueError:
+                continue
+            if not fmt.startswith("%Y"):  # a time of day: today's
+                today = time.localtime()
+                parsed = time.struct_time((today.tm_year, today.tm_mon, today.tm_mday,
+                                           parsed.tm_hour, parsed.tm_min, parsed.tm_sec,
+                                           0, 0, -1))
+            return time.mktime(parsed)
+        self.fail(f"{value!r} is neither a duration (10m, 2h, 1d) nor a time "
+                  f"(14:30, 2026-12-02 14:30)", param, ctx)
 
 
 @click.command("logs")
 @click.argument("job")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@click.option("-n", "--tail", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Only the last N lines (Modal: entries).")
+@click.option("--since", type=Since(), default=None, metavar="WHEN",
+              help="Only output written since WHEN: 10m, 2h (ago) or a time, 14:30.")
 @click.option("--attempt", type=click.IntRange(min=1), default=None,
-              help="Which attempt (default: the latest).")
-def logs_command(job: str, follow: bool, attempt: int | None) -> None:
-    """Print the output of JOB's attempt (the latest by default)."""
+              help="Which attempt (default: the latest; with --since, every attempt since).")
+def logs_command(job: str, follow: bool, tail: int | None, since: float | None,
+                 attempt: int | None) -> None:
+    """Print the output of JOB: its latest attempt's, or what --tail and --since select."""
     table = JobTable()
-    job_id = table.resolve(job)
-    if table.get(job_id)["backend"] == "modal":
-        from trainguard.cli import modal_cli
-
-        modal_cli.logs(table, job_id, follow=follow)
-        return
-    n = attempt or table.get(job_id)["attempt"] or 1
-    path = table.job_dir(job_id) / f"attempt-{n}.log"
-    if attempt is not None and not path.exists():
-        raise click.BadParameter(f"job {job_id} has no attempt {attempt}", param_hint="--attempt")
-    offset = 0
-    while True:
-        if path.exists():
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                chunk = handle.read()
-                offset += len(chunk)
-            sys.stdout.write(chunk.decode(errors="replace"))
-            sys.stdout.flush()
-        if not follow:
-            return
-        current = table.get(job_id)
-        if attempt is None and (current["attempt"] or 1) > n:  # a new attempt began
-            n, offset = current["attempt"], 0
-            path = table.job_dir(job_id) / f"attempt-{n}.log"
-            click.echo(f"--- attempt {n} ---")
-            continue
-        if _status(current) in (*FINAL, "lost"):
-            return
-        time.sleep(0.5)
+    current = table.get(table.resolve(job))
+    backend = backend_for(table, current)
+    for text in backend.logs(current, follow=follow, tail=tail, since=since, attempt=attempt):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    if follow:
+        end = _fresh(table, table.get(current["id"]))
+        click.echo(f"--- job {end['id']} {end['status']}: {end.get('message') or '-'}",
+                   err=True)
 
 
 @click.command("stop")
@@ -354,54 +403,71 @@ def logs_command(job: str, follow: bool, attempt: int | None) -> None:
 def stop_command(job: str, now: bool, wait: bool) -> None:
     """Stop JOB: it saves and commits a checkpoint, then ends with status stopped."""
     table = JobTable()
-    job_id = table.resolve(job)
-    current = table.get(job_id)
+    current = table.get(table.resolve(job))
     if current["status"] in FINAL:
-        click.echo(f"job {job_id} already {current['status']}")
+        click.echo(f"job {current['id']} already {current['status']}")
         return
-    if current["backend"] == "modal":
-        from trainguard.cli import modal_cli
+    backend = backend_for(table, current)
+    if wait and current["backend"] != "local":
+        click.echo(f"stopping job {current['id']}: " + ("killing it at once" if now else
+                                                        "the run saves and commits first"),
+                   err=True)
+    click.echo(backend.stop(current, now=now, wait=wait))
 
-        modal_cli.stop(table, job_id, wait=wait, now=now,
-                       timeout=current["spec"].stop_grace + 300)
-        return
-    if _status(current) == "lost":  # no supervisor to ask: stop the attempt ourselves
-        _stop_orphan(table, current, now)
-        return
-    table.update(job_id, stop_requested=2 if now else 1)
-    if not wait:
-        click.echo(f"stop requested for {job_id}")
-        return
-    deadline = time.monotonic() + current["spec"].stop_grace + 60
-    while time.monotonic() < deadline:
-        current = table.get(job_id)
-        if _status(current) in (*FINAL, "lost"):
-            commit = current.get("last_commit_step")
-            click.echo(f"job {job_id} {_status(current)}"
-                       + (f"; last committed step {commit}" if commit is not None else ""))
+
+@click.command("rm")
+@click.argument("jobs", nargs=-1)
+@click.option("--lost", "lost", is_flag=True,
+              help="Every lost job (its supervisor died and nothing of it still runs).")
+def rm_command(jobs: tuple[str, ...], lost: bool) -> None:
+    """Forget JOBS: their entries in `ps` and their logs. Their run directories and
+    checkpoints are kept. A job that still runs is refused: `trainguard stop` it first."""
+    table = JobTable()
+    if not jobs and not lost:
+        raise click.UsageError("name the jobs to forget (`trainguard rm JOB ...`), or "
+                               "--lost for every lost one")
+    targets = [table.get(table.resolve(j)) for j in jobs]
+    if lost:
+        targets += [j for j in table.all() if live_status(j) == "lost" and ended(j)
+                    and j["id"] not in {t["id"] for t in targets}]
+        targets = [table.get(j["id"]) for j in targets]
+    for job in targets:
+        job = _fresh(table, job)
+        backend_for(table, job).forget(job)
+        table.delete(job["id"])
+        click.echo(f"removed job {job['id']} ({job['status']}); its run directory "
+                   f"{job['run_dir']} is kept")
+    if lost and not targets:
+        click.echo("no lost job")
+
+
+@click.command("resume")
+@click.argument("job")
+@click.option("--detach", is_flag=True, help="Return at once; the job runs on in the background.")
+def resume_command(job: str, detach: bool) -> None:
+    """Start an ended (failed, stopped, lost) JOB again with its own spec: its attempts go
+    on from the last, with a fresh retry budget, and its run resumes from its newest
+    committed checkpoint."""
+    table = JobTable()
+    current = _fresh(table, table.get(table.resolve(job)))
+    if current["status"] == "succeeded":
+        raise TrainguardError(f"job {current['id']} succeeded: there is nothing to resume; "
+                              f"`trainguard run` starts a new job")
+    backend = backend_for(table, current)
+    if detach or current["backend"] != "local":
+        status = backend.resume(current, detach=detach)
+        if detach:
+            click.echo(current["id"])
+            click.echo(f"resumed; watch with `trainguard status {current['id']}` or "
+                       f"`trainguard logs {current['id']} -f`", err=True)
             return
-        time.sleep(0.3)
-    raise TrainguardError(f"job {job_id} did not stop within {current['spec'].stop_grace + 60:.0f}"
-                          f" s; `trainguard stop {job_id} --now` kills it")
-
-
-def _stop_orphan(table: JobTable, job: dict, now: bool) -> None:
-    """The supervisor died; its attempt may live on in its own session. Stop that."""
-    import signal
-
-    pid = job.get("child_pid")
-    alive = bool(pid) and pid_alive(pid)
-    if alive:
-        os.killpg(pid, signal.SIGKILL if now else signal.SIGTERM)  # the Run saves on TERM
-        deadline = time.monotonic() + (0 if now else job["spec"].stop_grace)
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if pid_alive(pid):
-            os.killpg(pid, signal.SIGKILL)
-    table.update(job["id"], status="stopped", child_pid=None,
-                 message="stopped by `trainguard stop` after its supervisor was lost")
-    click.echo(f"job {job['id']} stopped (its supervisor had died"
-               + ("; the training process was stopped too)" if alive else ")"))
+    else:
+        line = _ProgressLine()
+        status = backend.resume(current, detach=False, on_tick=line.show)
+        line.done()
+    click.echo(f"job {current['id']} {status}: {table.get(current['id'])['message']}")
+    if status != "succeeded":
+        raise click.exceptions.Exit(1)
 
 
 @click.command("sync")

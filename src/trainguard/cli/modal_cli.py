@@ -1,32 +1,19 @@
-"""``trainguard run --backend modal`` and the Modal branches of ps/status/logs/stop.
+"""``trainguard run --backend modal``: options, plan, preflight, launch.
 
-Kept apart from ``cli/jobs.py`` so the local commands never import ``modal``. The
-Modal client is reached only through :func:`client` (tests replace it with a fake).
+Kept apart from ``cli/jobs.py`` so the local commands never import ``modal``. The job
+verbs (ps, status, logs, stop, rm, resume) reach Modal through
+``launch.modal_jobs.ModalBackend``, like every backend; the Modal client through
+``launch.modal_jobs.make_client`` (tests set ``CLIENT_FACTORY`` to a fake).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import click
 
-from trainguard.errors import TrainguardError
 from trainguard.launch import JobSpec, JobTable
 from trainguard.preflight import run_preflight
-
-#: The seam factory; tests monkeypatch it with a fake client.
-_CLIENT_FACTORY = None
-
-
-def client():
-    """The :class:`~trainguard.launch.modal_jobs.ModalClient` to use."""
-    if _CLIENT_FACTORY is not None:
-        return _CLIENT_FACTORY()
-    from trainguard.launch.modal_jobs import RealModalClient
-
-    return RealModalClient()
-
 
 def modal_options(*, volume, gpu, cpu, memory, packages, requirements_file, root,
                   nnodes="1", rdma=False, rdzv_endpoint=None, add_local=(), secrets=()):
@@ -88,9 +75,9 @@ def run_modal(spec: JobSpec, options, *, detach: bool, dry_run: bool, as_json: b
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--require") from exc
         print_results(results)
-    from trainguard.launch.modal_jobs import launch_modal
+    from trainguard.launch.modal_jobs import ModalBackend
 
-    job_id, status = launch_modal(spec, options, detach=detach, client=client(), plan=plan)
+    job_id, status = ModalBackend(JobTable(), options, plan=plan).launch(spec, detach=detach)
     if detach:
         click.echo(job_id)
         click.echo(f"detached on Modal; watch with `trainguard status {job_id}` or "
@@ -99,71 +86,3 @@ def run_modal(spec: JobSpec, options, *, detach: bool, dry_run: bool, as_json: b
     click.echo(f"job {job_id} {status}: {JobTable().get(job_id)['message']}")
     if status != "succeeded":
         raise click.exceptions.Exit(1)
-
-
-def _modal_error(exc: Exception) -> bool:
-    return type(exc).__module__.startswith(("modal", "grpclib")) or isinstance(
-        exc, (ConnectionError, OSError, TimeoutError))
-
-
-@contextlib.contextmanager
-def _talking_to_modal(what: str):
-    """Modal's own errors (unreachable, refused, not found) as one line naming ``what``."""
-    try:
-        yield
-    except Exception as exc:
-        if not _modal_error(exc):
-            raise
-        raise TrainguardError(f"cannot {what}: {type(exc).__name__}: {exc}") from exc
-
-
-def refresh(table: JobTable, job: dict) -> dict:
-    """The job row, with a Modal job's status refreshed from Modal (best effort)."""
-    if job.get("backend") != "modal" or job["status"] in ("succeeded", "failed", "stopped"):
-        return job
-    from trainguard.launch.modal_jobs import refresh as refresh_call
-
-    try:
-        refresh_call(table, job["id"], client())
-    except Exception as exc:  # Modal unreachable: show the recorded state, say why
-        if not _modal_error(exc):
-            raise
-        click.echo(f"trainguard: warning: cannot reach Modal for job {job['id']}: {exc}",
-                   err=True)
-        return job
-    row = dict(table.get(job["id"]))
-    return row | {"spec": job["spec"]}
-
-
-def logs(table: JobTable, job_id: str, follow: bool = False, tail: int = 1000) -> None:
-    """Print a Modal job's output (``FunctionCall.logs``); ``follow``: until it ends."""
-    from trainguard.launch.modal_jobs import modal_call
-
-    call = modal_call(table, job_id)
-    if call is None:
-        raise click.UsageError(f"job {job_id} has no recorded Modal call (its launch failed: "
-                               f"`trainguard status {job_id}` says why)")
-    with _talking_to_modal(f"read the logs of job {job_id} from Modal"):
-        for text in client().logs(call["call_id"], follow=follow, tail=tail):
-            click.echo(text, nl=False)
-    if follow:
-        refresh(table, table.get(job_id))
-        click.echo(f"--- job {job_id} {table.get(job_id)['status']}", err=True)
-
-
-def stop(table: JobTable, job_id: str, wait: bool = True, timeout: float = 300.0,
-         now: bool = False) -> None:
-    """Cancel a Modal job's call: the Run saves and commits, then the app is stopped
-    (``now``: its containers are killed at once)."""
-    from trainguard.launch.modal_jobs import stop as stop_call
-
-    if wait:
-        click.echo(f"stopping job {job_id}: " + ("killing its containers" if now else
-                                                 "the run saves and commits first"), err=True)
-    with _talking_to_modal(f"stop job {job_id} on Modal"):
-        status = stop_call(table, job_id, client(), wait=wait, timeout=timeout, now=now)
-    if status == "stopping":
-        click.echo(f"stop requested for {job_id} (modal call cancelled); `trainguard status "
-                   f"{job_id}` shows when it has ended")
-        return
-    click.echo(f"job {job_id} {status}: {table.get(job_id)['message']}")

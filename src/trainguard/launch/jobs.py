@@ -11,15 +11,19 @@ jobs are stored with those values masked (they travel to Modal as a secret).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainguard.errors import TrainguardError
 from trainguard.launch.spec import JobSpec
+from trainguard.store.lock import pid_alive
 
 STATUSES = ("pending", "running", "retrying", "succeeded", "failed", "stopped")
 FINAL = ("succeeded", "failed", "stopped")
@@ -66,6 +70,19 @@ class JobNotFound(TrainguardError):
     exit_code = 2
 
 
+class RunDirBusy(TrainguardError):
+    """Another job still runs on this run directory (one job per run directory)."""
+
+    exit_code = 2
+
+    def __init__(self, job_id: str, run_dir: str) -> None:
+        super().__init__(f"job {job_id} already runs on {run_dir}: one job writes a run "
+                         f"directory at a time. Give this one its own (--run-dir DIR, or "
+                         f"--name for Modal), or end that one first (`trainguard stop "
+                         f"{job_id}`)")
+        self.job_id, self.run_dir = job_id, run_dir
+
+
 class JobTableError(TrainguardError):
     """The job table cannot be opened or written (corrupt, read-only, not a database)."""
 
@@ -82,6 +99,27 @@ def _table_error(path: Path, exc: sqlite3.Error) -> JobTableError:
                f"is made; the jobs listed in the old one are forgotten, their run "
                f"directories are untouched")
     return JobTableError(f"the job table {path} cannot be used ({text}); {fix}")
+
+
+def live_status(job: dict) -> str:
+    """The job's status, or ``lost`` for a local job whose supervisor died without
+    recording an end."""
+    if job["status"] in FINAL or job.get("backend", "local") != "local":
+        return job["status"]
+    pid = job.get("supervisor_pid")
+    return job["status"] if not pid or pid_alive(pid) else "lost"
+
+
+def holds_run_dir(job: dict) -> bool:
+    """Whether an unfinished job may still write its run directory: a local one while its
+    supervisor or its training process lives (a lost job's attempt can outlive it); a job
+    elsewhere (Modal) until it is seen to end."""
+    if job["status"] in FINAL:
+        return False
+    if job.get("backend", "local") != "local":
+        return True
+    return any(pid and pid_alive(pid) for pid in (job.get("supervisor_pid"),
+                                                   job.get("child_pid")))
 
 
 def trainguard_home() -> Path:
@@ -133,16 +171,69 @@ class JobTable:
         return self.home / "jobs" / job_id
 
     @_translated
-    def create(self, spec: JobSpec, backend: str = "local") -> str:
-        """Record a new pending job; returns its id."""
+    def create(self, spec: JobSpec, backend: str = "local", *, run_dir: str | None = None,
+               holds: Callable[[dict], bool] | None = None) -> str:
+        """Record a new pending job; returns its id.
+
+        Args:
+            run_dir: the run directory recorded (default ``spec.run_dir``; a Modal job's
+                is ``modal://VOLUME/NAME``).
+            holds: whether an unfinished job on the same run directory still holds it
+                (its supervisor or its training process lives). With it, the check and
+                the insert are one transaction: of two launches at once, one is refused.
+
+        Raises:
+            RunDirBusy: ``holds`` says another job holds the run directory.
+        """
         job_id = secrets.token_hex(4)
+        run_dir = run_dir or spec.run_dir
         now = time.time()
-        self._db.execute(
-            "INSERT INTO jobs (id, name, spec, status, created, updated, backend, run_dir) "
-            "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
-            (job_id, spec.name, spec.to_json(), now, now, backend, spec.run_dir))
+        with self._exclusive(run_dir, holds, job_id):
+            self._db.execute(
+                "INSERT INTO jobs (id, name, spec, status, created, updated, backend, run_dir, "
+                "supervisor_pid) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+                (job_id, spec.name, spec.to_json(), now, now, backend, run_dir,
+                 os.getpid() if backend == "local" else None))
         self.job_dir(job_id).mkdir(parents=True, exist_ok=True)
         return job_id
+
+    @_translated
+    def reopen(self, job_id: str, holds: Callable[[dict], bool], **fields) -> None:
+        """Make an ended job pending again (``trainguard resume``), with ``fields`` set,
+        unless another job holds its run directory now.
+
+        Raises:
+            RunDirBusy: another unfinished job holds the run directory.
+        """
+        run_dir = self.get(job_id)["run_dir"]
+        fields.update(status="pending", stop_requested=0, failures=0, updated=time.time())
+        with self._exclusive(run_dir, holds, job_id):
+            names = ", ".join(f"{k} = ?" for k in fields)
+            self._db.execute(f"UPDATE jobs SET {names} WHERE id = ?", (*fields.values(), job_id))
+
+    @contextlib.contextmanager
+    def _exclusive(self, run_dir: str, holds: Callable[[dict], bool] | None, job_id: str):
+        """One transaction: refuse if a job other than ``job_id`` holds ``run_dir``."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if holds is not None:
+                for row in self._db.execute(
+                        "SELECT * FROM jobs WHERE run_dir = ? AND id != ? AND status NOT IN "
+                        f"({', '.join('?' * len(FINAL))})", (run_dir, job_id, *FINAL)):
+                    if holds(dict(row)):
+                        raise RunDirBusy(row["id"], run_dir)
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    @_translated
+    def delete(self, job_id: str) -> None:
+        """Forget a job: its row, its attempts and its logs (never its run directory)."""
+        self._db.execute("DELETE FROM attempts WHERE job_id = ?", (job_id,))
+        self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     @_translated
     def resolve(self, prefix: str) -> str:

@@ -16,21 +16,32 @@ has them masked (they travel to Modal as a ``modal.Secret``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Iterator
 from typing import Protocol
 
 from trainguard.errors import TrainguardError
-from trainguard.launch.jobs import FINAL, JobTable
+from trainguard.launch.jobs import FINAL, JobTable, holds_run_dir
 from trainguard.launch.modal_backend import ModalOptions, build_app, build_plan
 from trainguard.launch.spec import JobSpec
 
 log = logging.getLogger("trainguard.modal")
 
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS modal_calls (job_id TEXT PRIMARY KEY, app_id TEXT, "
-           "call_id TEXT, app_name TEXT, app_stopped INTEGER DEFAULT 0)")
+           "call_id TEXT, app_name TEXT, app_stopped INTEGER DEFAULT 0, options TEXT)")
+
+
+#: The seam factory: tests set it to build a fake :class:`ModalClient`.
+CLIENT_FACTORY = None
+
+
+def make_client() -> ModalClient:
+    """The :class:`ModalClient` to use (:class:`RealModalClient` unless a test set one)."""
+    return CLIENT_FACTORY() if CLIENT_FACTORY is not None else RealModalClient()
 
 
 class ModalLaunchFailed(TrainguardError):
@@ -52,9 +63,11 @@ class ModalClient(Protocol):
         """(status, message): status is ``running``, ``succeeded`` or ``failed``."""
         ...
 
-    def logs(self, call_id: str, *, follow: bool, tail: int) -> Iterator[str]:
-        """The call's output: the last ``tail`` entries, then (``follow``) new ones until
-        the call ends."""
+    def logs(self, call_id: str, *, follow: bool, tail: int | None,
+             since: float | None = None) -> Iterator[str]:
+        """The call's output: its last ``tail`` entries (None: all kept) written at
+        ``since`` (epoch seconds) or later, then (``follow``) new ones until the call
+        ends."""
         ...
 
     def cancel(self, call_id: str, *, terminate: bool = False) -> None:
@@ -109,16 +122,23 @@ class RealModalClient:
             return self._done[call_id]
         return self._wait(modal.FunctionCall.from_id(call_id), 0)
 
-    def logs(self, call_id: str, *, follow: bool, tail: int) -> Iterator[str]:
+    def logs(self, call_id: str, *, follow: bool, tail: int | None,
+             since: float | None = None) -> Iterator[str]:
         import modal
 
         call = modal.FunctionCall.from_id(call_id)
+        last = None
+        if not follow or tail is not None or since is not None:
+            # ``logs.tail`` returns the newest entries, oldest first; --since filters them
+            for entry in call.logs.tail(entries=tail or 10_000):
+                stamp = entry.timestamp.timestamp()
+                if since is None or stamp >= since:
+                    last = stamp
+                    yield entry.message
         if follow:  # FunctionCall.logs.stream ends when the call has ended
             for entry in call.logs.stream():
-                yield entry.message
-            return
-        for entry in call.logs.tail(entries=tail):
-            yield entry.message
+                if last is None or entry.timestamp.timestamp() > last:
+                    yield entry.message
 
     def cancel(self, call_id: str, *, terminate: bool = False) -> None:
         import modal
@@ -143,22 +163,38 @@ class RealModalClient:
 def _table(table: JobTable) -> JobTable:
     table.sql(_SCHEMA)
     columns = {r[1] for r in table.sql("PRAGMA table_info(modal_calls)")}
-    if "app_stopped" not in columns:  # a table made by an older trainguard
-        table.sql("ALTER TABLE modal_calls ADD COLUMN app_stopped INTEGER DEFAULT 0")
+    for name, kind in (("app_stopped", "INTEGER DEFAULT 0"), ("options", "TEXT")):
+        if name not in columns:  # a table made by an older trainguard
+            table.sql(f"ALTER TABLE modal_calls ADD COLUMN {name} {kind}")
     return table
 
 
-def record_call(table: JobTable, job_id: str, app_id: str, call_id: str, app_name: str) -> None:
-    """Remember which Modal app and function call run ``job_id``."""
-    _table(table).sql("INSERT OR REPLACE INTO modal_calls (job_id, app_id, call_id, app_name) "
-                      "VALUES (?, ?, ?, ?)", (job_id, app_id, call_id, app_name))
+def record_call(table: JobTable, job_id: str, app_id: str, call_id: str, app_name: str,
+                options: ModalOptions | None = None) -> None:
+    """Remember which Modal app and function call run ``job_id`` (and with which options:
+    ``trainguard resume`` launches it again with them)."""
+    stored = json.dumps(dataclasses.asdict(options)) if options is not None else None
+    _table(table).sql("INSERT OR REPLACE INTO modal_calls (job_id, app_id, call_id, app_name, "
+                      "options) VALUES (?, ?, ?, ?, ?)",
+                      (job_id, app_id, call_id, app_name, stored))
 
 
 def modal_call(table: JobTable, job_id: str) -> dict | None:
-    """``{"app_id", "call_id", "app_name", "app_stopped"}`` of a Modal job (None: not one)."""
-    rows = _table(table).sql("SELECT app_id, call_id, app_name, app_stopped FROM modal_calls "
-                             "WHERE job_id = ?", (job_id,))
-    return dict(rows[0]) if rows else None
+    """``{"app_id", "call_id", "app_name", "app_stopped", "options"}`` of a Modal job
+    (None: not one; ``options`` a :class:`ModalOptions` or None)."""
+    rows = _table(table).sql("SELECT app_id, call_id, app_name, app_stopped, options FROM "
+                             "modal_calls WHERE job_id = ?", (job_id,))
+    if not rows:
+        return None
+    call = dict(rows[0])
+    if call["options"]:
+        doc = json.loads(call["options"])
+        call["options"] = ModalOptions(**{k: tuple(v) if k in _TUPLES else v
+                                          for k, v in doc.items()})
+    return call
+
+
+_TUPLES = ("packages", "add_local", "secrets")
 
 
 def masked(spec: JobSpec) -> JobSpec:
@@ -166,24 +202,42 @@ def masked(spec: JobSpec) -> JobSpec:
     return dataclasses.replace(spec, env={key: "***" for key in spec.env})
 
 
+def run_url(plan, spec: JobSpec) -> str:
+    """The ``modal://VOLUME/NAME`` run directory of a job (what the job table records)."""
+    return f"modal://{plan.volume}/{spec.name}"
+
+
 def launch_modal(spec: JobSpec, options: ModalOptions, *, detach: bool, client: ModalClient,
-                 table: JobTable | None = None, plan=None) -> tuple[str, str | None]:
+                 table: JobTable | None = None, plan=None,
+                 job_id: str | None = None) -> tuple[str, str | None]:
     """Build the app from the spec, start it on Modal, and record the job.
+
+    Args:
+        job_id: an ended job reopened by ``trainguard resume`` (default: a new job).
 
     Returns:
         (job id, None when detached, else the final status).
 
     Raises:
         ModalLaunchFailed: Modal refused the app or the call; the job is recorded failed.
+        RunDirBusy: another unfinished job runs on the same ``modal://VOLUME/NAME``.
     """
     table = table or JobTable()
     plan = plan or build_plan(spec, options)
     app, function = build_app(plan)
-    job_id = table.create(masked(spec), backend="modal")
-    table.update(job_id, run_dir=f"modal://{plan.volume}/{spec.name}", status="running",
-                 message=f"modal app {plan.app_name}")
+    url = run_url(plan, spec)
+    for other in table.sql("SELECT id FROM jobs WHERE run_dir = ? AND backend = 'modal' AND "
+                           "status NOT IN ('succeeded', 'failed', 'stopped')", (url,)):
+        try:  # a job that ended while nobody looked does not hold the run directory
+            refresh(table, other["id"], client)
+        except Exception as exc:
+            log.debug("cannot refresh modal job %s: %r", other["id"], exc)
+    if job_id is None:
+        job_id = table.create(masked(spec), backend="modal", run_dir=url, holds=holds_run_dir)
+    table.update(job_id, status="running", message=f"modal app {plan.app_name}")
+
     def started(app_id: str, call_id: str) -> None:  # recorded before the launcher can die
-        record_call(table, job_id, app_id, call_id, plan.app_name)
+        record_call(table, job_id, app_id, call_id, plan.app_name, options)
         table.update(job_id, message=f"modal app {app_id}, call {call_id}")
 
     try:
@@ -269,3 +323,118 @@ def stop(table: JobTable, job_id: str, client: ModalClient, *, timeout: float = 
             return status
         sleep(1.0)
     return "stopping"
+
+
+def _modal_error(exc: Exception) -> bool:
+    return type(exc).__module__.startswith(("modal", "grpclib")) or isinstance(
+        exc, (ConnectionError, OSError, TimeoutError))
+
+
+@contextlib.contextmanager
+def talking_to_modal(what: str):
+    """Modal's own errors (unreachable, refused, not found) as one line naming ``what``."""
+    from trainguard.launch.backends import BackendUnreachable
+
+    try:
+        yield
+    except Exception as exc:
+        if not _modal_error(exc):
+            raise
+        raise BackendUnreachable(f"cannot {what}: {type(exc).__name__}: {exc}") from exc
+
+
+class ModalBackend:
+    """Jobs run on Modal: one detached app and function call per job (the
+    :class:`~trainguard.launch.backends.Backend` protocol over :class:`ModalClient`).
+
+    Args:
+        table: the job table.
+        options: what ``launch`` runs with (``trainguard resume`` reads them back from
+            the table).
+        client: the seam over Modal (default :func:`make_client`).
+        plan: a plan already built from ``options`` (the CLI builds it for preflight).
+    """
+
+    name = "modal"
+
+    def __init__(self, table: JobTable, options: ModalOptions | None = None,
+                 client: ModalClient | None = None, plan=None) -> None:
+        self.table, self.options, self.plan = table, options, plan
+        self._client = client
+
+    @property
+    def client(self) -> ModalClient:
+        if self._client is None:
+            self._client = make_client()
+        return self._client
+
+    def launch(self, spec: JobSpec, *, detach: bool, on_tick=None) -> tuple[str, str | None]:
+        if self.options is None:
+            raise ValueError("ModalBackend.launch needs options")
+        return launch_modal(spec, self.options, detach=detach, client=self.client,
+                            table=self.table, plan=self.plan)
+
+    def refresh(self, job: dict) -> dict:
+        if job["status"] in FINAL:
+            return job
+        with talking_to_modal(f"ask Modal how job {job['id']} is doing"):
+            refresh(self.table, job["id"], self.client)
+        return self.table.get(job["id"])
+
+    def logs(self, job: dict, *, follow: bool = False, tail: int | None = None,
+             since: float | None = None, attempt: int | None = None) -> Iterator[str]:
+        if attempt is not None:
+            raise TrainguardError("--attempt is for local jobs: a Modal job's retries run in "
+                                  "one function call, and its logs hold every attempt")
+        call = modal_call(self.table, job["id"])
+        if call is None:
+            raise TrainguardError(f"job {job['id']} has no recorded Modal call (its launch "
+                                  f"failed: `trainguard status {job['id']}` says why)")
+        with talking_to_modal(f"read the logs of job {job['id']} from Modal"):
+            yield from self.client.logs(call["call_id"], follow=follow,
+                                        tail=tail if tail is not None or since else 1000,
+                                        since=since)
+
+    def stop(self, job: dict, *, now: bool = False, wait: bool = True) -> str:
+        with talking_to_modal(f"stop job {job['id']} on Modal"):
+            status = stop(self.table, job["id"], self.client, wait=wait, now=now,
+                          timeout=job["spec"].stop_grace + 300)
+        if status == "stopping":
+            return (f"stop requested for {job['id']} (modal call cancelled); `trainguard "
+                    f"status {job['id']}` shows when it has ended")
+        return f"job {job['id']} {status}: {self.table.get(job['id'])['message']}"
+
+    def resume(self, job: dict, *, detach: bool, on_tick=None) -> str | None:
+        from trainguard.launch.backends import _require_ended
+
+        _require_ended(job, "resume")
+        call = modal_call(self.table, job["id"])
+        if call is None or call["options"] is None:
+            raise TrainguardError(f"job {job['id']}'s Modal options were not recorded (it "
+                                  f"never started, or an older trainguard launched it); "
+                                  f"launch it again with `trainguard run ... --backend "
+                                  f"modal --name {job['name']}`: it resumes from its last "
+                                  f"commit on the volume")
+        spec = job["spec"]
+        if spec.env:
+            raise TrainguardError(f"job {job['id']} was launched with --env "
+                                  f"{', '.join(sorted(spec.env))}, whose values trainguard "
+                                  f"does not keep; launch it again with `trainguard run ... "
+                                  f"--backend modal --name {job['name']} --env ...`: it "
+                                  f"resumes from its last commit on the volume")
+        self.table.reopen(job["id"], holds_run_dir, speed=None,
+                          message=f"resumed by `trainguard resume`")
+        self.table.sql("DELETE FROM modal_calls WHERE job_id = ?", (job["id"],))
+        _, status = launch_modal(spec, call["options"], detach=detach, client=self.client,
+                                 table=self.table, job_id=job["id"])
+        return status
+
+    def forget(self, job: dict) -> None:
+        from trainguard.launch.backends import _require_ended
+
+        _require_ended(job, "rm")
+        call = modal_call(self.table, job["id"])
+        if call is not None:
+            with talking_to_modal(f"stop the Modal app of job {job['id']}"):
+                _end_app(self.table, job["id"], call, self.client)
+            self.table.sql("DELETE FROM modal_calls WHERE job_id = ?", (job["id"],))

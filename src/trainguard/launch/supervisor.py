@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trainguard.launch.jobs import JobTable
+from trainguard.launch.logs import LogClock
 from trainguard.launch.torchrun import (
     ENV_EXITS,
     torchrun_env,
@@ -99,7 +100,9 @@ class Supervisor:
             self._install_signal_handlers()
         self.table.update(self.job_id, status="running", supervisor_pid=os.getpid())
         policy = self.spec.retry
-        attempt = failures = resumes = 0
+        # `trainguard resume` reopens an ended job: its attempts go on from the last
+        attempt = self.table.get(self.job_id)["attempt"] or 0
+        failures = resumes = 0
         while True:
             attempt += 1
             code, reason, workers = self._attempt(attempt)
@@ -160,6 +163,7 @@ class Supervisor:
         """Run attempt ``n``: (exit code, reason, its torchrun workers' codes or "")."""
         job_dir = self.table.job_dir(self.job_id)
         log_path = job_dir / f"attempt-{n}.log"
+        clock = LogClock(log_path)  # when each part of the log was written (logs --since)
         self.table.start_attempt(self.job_id, n)
         if not os.path.isfile(self.spec.script):
             with open(log_path, "a") as out:
@@ -178,6 +182,7 @@ class Supervisor:
         reason, kill_at = "exited", None
         while True:
             code = proc.poll()
+            clock.tick()
             if code is not None:
                 self._refresh(proc.pid, started_wall, force=True)
                 self._cost_before += self._rate() * (time.monotonic() - started)

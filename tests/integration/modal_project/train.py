@@ -6,7 +6,9 @@ a local module (``helpers_modal``, shipped by the import analysis), prints a dig
 ``RESUMED n`` at its start and ``STEP n`` after each step.
 
 Options: ``--steps N``, ``--save-every K``, ``--sleep S`` (seconds per step),
-``--crash-at N`` (raise at step N, only in an attempt that started from scratch).
+``--crash-at N`` (raise at step N, only in an attempt that started from scratch),
+``--hold-at N --hold-file PATH`` (from step N on, wait for PATH to exist: the journey
+preempts it there, however slow the machine; a preemption still ends the wait).
 """
 
 import argparse
@@ -28,6 +30,8 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--sleep", type=float, default=0.2)
     parser.add_argument("--crash-at", type=int, default=None)
+    parser.add_argument("--hold-at", type=int, default=None)
+    parser.add_argument("--hold-file", default="")
     args = parser.parse_args()
     with open("config.json") as handle:
         config = json.load(handle)
@@ -50,6 +54,9 @@ def main() -> None:
                 raise RuntimeError(f"crash at step {step}, on purpose")
             print("STEP", step, flush=True)
             time.sleep(args.sleep)
+            while (args.hold_at is not None and step >= args.hold_at and not run.preempted
+                   and not os.path.exists(args.hold_file)):
+                time.sleep(0.05)
 
 
 if __name__ == "__main__":
