@@ -172,6 +172,20 @@ def test_stop_ends_a_modal_job_with_a_final_commit_and_stops_its_app(plane, env)
     assert not _app(state, "stopper")["running"]
     assert "stopped" in tg(env, "status", job_id).stdout
 
+    # `resume` launches the same job again, with the options recorded at launch: a new
+    # app and call, resuming from the final commit on the volume.
+    resumed = tg(env, "resume", job_id, "--detach")
+    assert resumed.returncode == 0 and resumed.stdout.split()[-1] == job_id, resumed.stderr
+    plane.wait_for(lambda s: committed_steps(plane, "stopper")[-1] > final)
+    assert f"RESUMED {final}" in tg(env, "logs", job_id).stdout
+    assert f"RESUMED {final}" in tg(env, "logs", job_id, "--since", "10m").stdout
+    assert "STEP" not in tg(env, "logs", job_id, "--since", "2099-01-01").stdout
+    tail = tg(env, "logs", job_id, "--tail", "2")
+    assert tail.returncode == 0 and 0 < len(tail.stdout.splitlines()) <= 2, tail.stdout
+    assert "stopped" in tg(env, "stop", job_id).stdout
+    apps = [a for a in plane.state()["apps"] if a["description"] == "trainguard-stopper"]
+    assert len(apps) == 2 and not any(a["running"] for a in apps)
+
 
 def test_the_plane_models_reuse_timeouts_missing_files_and_crashes(plane, env):
     """What a launch that forgets single-use containers, a timeout, a file, or a crash
