@@ -27,6 +27,8 @@ COMMANDS = {
     "status MISSING": ["status", "nosuchjob"],
     "logs MISSING": ["logs", "nosuchjob"],
     "stop MISSING": ["stop", "nosuchjob"],
+    "rm MISSING": ["rm", "nosuchjob"],
+    "resume MISSING": ["resume", "nosuchjob"],
     "run --help": ["run", "--help"],
     "sync --help": ["sync", "--help"],
     "preflight --help": ["preflight", "--help"],
