@@ -101,7 +101,7 @@ def test_a_hang_is_killed_and_retried(home, tmp_path):
     assert result.returncode == 0, result.stderr + result.stdout
     job_id = result.stdout.split()[1]
     reasons = [a.reason for a in JobTable().attempts(job_id)]
-    assert reasons == ["hang", "exited"]
+    assert reasons == ["hang; killed by SIGKILL", "exited"]  # asleep: SIGTERM was not enough
 
 
 def test_a_timeout_is_retried_and_resumes(home, tmp_path):
