@@ -190,6 +190,24 @@ def test_ctrl_c_on_a_terminal_streams_then_commits_and_exits_130(home, tmp_path)
 
 # -- pipes --------------------------------------------------------------------------------
 
+def test_sigterm_to_a_foreground_run_stops_the_job_and_exits_143(home, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "trainguard", "run",
+                             script(tmp_path, "sleeper.py"), "--no-preflight", "--run-dir",
+                             tmp_path / "run"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = wait_for(lambda: [j["id"] for j in JobTable().all() if j["child_pid"]],
+                          what="the attempt to start")[0]
+        proc.terminate()  # SIGTERM, as `kill` or a batch system sends it
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out + err
+    assert out == f"job {job_id} stopped: stopped by SIGTERM after attempt 1\n", out + err
+    assert "Traceback" not in err and JobTable().get(job_id)["status"] == "stopped"
+
+
 def test_without_a_terminal_the_output_streams_with_one_line_per_attempt(home, tmp_path):
     flaky = script(tmp_path, "flaky.py")
     result = tg("run", flaky, "--no-preflight", "--retries", 2, "--retry-delay", 0,
