@@ -55,6 +55,9 @@ def test_crashes_twice_then_succeeds_resuming_with_delays(home, tmp_path):
     table = JobTable()
     attempts = table.attempts(job_id)
     assert [(a.exit_code, a.reason) for a in attempts] == [(1, "exited"), (1, "exited"), (0, "exited")]
+    for n in (1, 2):  # streamed to stderr as it ran; the retry's line names the error
+        assert (f"attempt {n} exited with code 1 (RuntimeError: injected crash at step 12 on "
+                f"attempt {n}); retry {n}/3 in {n} s") in result.stderr
     gaps = [b.started - a.ended for a, b in zip(attempts, attempts[1:])]
     assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps  # 1 s, then 1 s x 2
     logs = [(home / "jobs" / job_id / f"attempt-{n}.log").read_text() for n in (1, 2, 3)]
@@ -101,7 +104,7 @@ def test_a_hang_is_killed_and_retried(home, tmp_path):
     assert result.returncode == 0, result.stderr + result.stdout
     job_id = result.stdout.split()[1]
     reasons = [a.reason for a in JobTable().attempts(job_id)]
-    assert reasons == ["hang", "exited"]
+    assert reasons == ["hang; killed by SIGKILL", "exited"]  # asleep: SIGTERM was not enough
 
 
 def test_a_timeout_is_retried_and_resumes(home, tmp_path):
@@ -231,6 +234,8 @@ def test_torchrun_attempt_whose_workers_all_exit_75_resumes_without_a_retry(home
         (0, "exited; workers by local rank: {0: 0, 1: 0}")]
     log1 = (home / "jobs" / job_id / "attempt-1.log").read_text()
     assert "torchrun exited with code 1" in log1 and "the attempt's exit code: 75" in log1
+    for line in ("rank 1 attempt 1 exits 75", "rank 0 attempt 2 exits 0"):  # the workers' own
+        assert line in result.stderr.splitlines(), result.stderr            # output, streamed
 
 
 def test_torchrun_attempt_with_one_worker_75_and_one_failed_is_a_failure(home, tmp_path):

@@ -167,13 +167,9 @@ def run_command(ctx, script, script_args, run_dir, name, detach, retries, retry_
         click.echo(f"detached; watch with `trainguard status {job_id}` or "
                    f"`trainguard logs {job_id} -f`", err=True)
         return
-    line = _ProgressLine()
-    job_id, status = launch(spec, detach=False, on_tick=line.show)
-    line.done()
-    job = JobTable().get(job_id)
-    click.echo(f"job {job_id} {status}: {job['message']}")
-    if status != "succeeded":
-        raise click.exceptions.Exit(1)
+    from trainguard.cli.foreground import run_in_foreground
+
+    run_in_foreground(spec)  # streams the output; exits with the job's code
 
 
 def _local_preflight(spec: JobSpec, root: str, requires: tuple[str, ...]) -> None:
@@ -188,26 +184,6 @@ def _local_preflight(spec: JobSpec, root: str, requires: tuple[str, ...]) -> Non
         raise click.BadParameter(str(exc), param_hint="--require") from exc
     if not all(r.ok for r in results):
         print_results(results)
-
-
-class _ProgressLine:
-    """One live status line on a terminal (a line every 30 s when not a terminal)."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def show(self, job: dict) -> None:
-        text = _summary(job)
-        if self.tty:
-            click.echo(f"\r\x1b[2K{text}", nl=False, err=True)
-        elif time.monotonic() - self.last > 30:
-            click.echo(text, err=True)
-            self.last = time.monotonic()
-
-    def done(self) -> None:
-        if self.tty:
-            click.echo("", err=True)
 
 
 def _age(ts: float | None) -> str:
@@ -454,20 +430,16 @@ def resume_command(job: str, detach: bool) -> None:
         raise TrainguardError(f"job {current['id']} succeeded: there is nothing to resume; "
                               f"`trainguard run` starts a new job")
     backend = backend_for(table, current)
-    if detach or current["backend"] != "local":
-        status = backend.resume(current, detach=detach)
-        if detach:
-            click.echo(current["id"])
-            click.echo(f"resumed; watch with `trainguard status {current['id']}` or "
-                       f"`trainguard logs {current['id']} -f`", err=True)
-            return
-    else:
-        line = _ProgressLine()
-        status = backend.resume(current, detach=False, on_tick=line.show)
-        line.done()
-    click.echo(f"job {current['id']} {status}: {table.get(current['id'])['message']}")
-    if status != "succeeded":
-        raise click.exceptions.Exit(1)
+    if detach:
+        backend.resume(current, detach=True)
+        click.echo(current["id"])
+        click.echo(f"resumed; watch with `trainguard status {current['id']}` or "
+                   f"`trainguard logs {current['id']} -f`", err=True)
+        return
+    from trainguard.cli.foreground import supervise_in_foreground
+
+    supervise_in_foreground(table, lambda view: (
+        current["id"], backend.resume(current, detach=False, on_tick=view)))
 
 
 @click.command("sync")

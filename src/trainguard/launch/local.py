@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from trainguard.errors import RunDirError
 from trainguard.launch.jobs import JobTable, holds_run_dir
 from trainguard.launch.spec import JobSpec
 from trainguard.launch.supervisor import Supervisor
@@ -24,8 +25,11 @@ def launch(spec: JobSpec, *, detach: bool, table: JobTable | None = None,
         (job id, final status or None when detached).
 
     Raises:
+        RunDirError: ``spec.run_dir`` cannot be a writable directory here (before any job
+            is recorded).
         RunDirBusy: another job still runs on ``spec.run_dir``.
     """
+    check_run_dir(spec.run_dir)
     table = table or JobTable()
     job_id = table.create(spec, holds=holds_run_dir)
     return job_id, supervise(table, job_id, detach=detach, on_tick=on_tick)
@@ -46,3 +50,28 @@ def supervise(table: JobTable, job_id: str, *, detach: bool,
                                 start_new_session=True, env=env, cwd=spec.cwd)
     table.update(job_id, supervisor_pid=proc.pid)
     return None
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Fail before launching when ``run_dir`` cannot be a writable directory on this machine.
+
+    The script creates its run dir itself; a path under a regular file (or in a read-only
+    place) would fail every attempt the same way, each after seconds of start-up.
+
+    Raises:
+        RunDirError: the run dir, or the nearest existing path above it, is not a directory
+            or not writable (the message names that path and the fix).
+    """
+    path = os.path.abspath(run_dir)
+    existing = path
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    where = "is" if existing == path else f"cannot be made: {existing} is"
+    if not os.path.isdir(existing):
+        what = ("a file" if os.path.isfile(existing) else
+                "a broken link" if os.path.islink(existing) else "not a regular directory")
+        raise RunDirError(f"run dir {path} {where} {what}, not a directory; choose a run dir "
+                          f"(--run-dir) that is a directory or can be made as one")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"run dir {path} {where} not writable; choose a writable place "
+                          f"(--run-dir) or make it writable (chmod u+w {existing})")
