@@ -24,6 +24,7 @@ import pytest
 
 from trainguard import CheckpointManager
 from trainguard.launch import JobSpec, JobTable, RetryPolicy, Supervisor
+from tests.integration.jobcli import tg, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 LOUD = "tests/integration/launch_scripts/loud.py"
@@ -77,21 +78,10 @@ SCRIPTS = {
 }
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def script(tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(SCRIPTS[name]))
     return path
-
-
-def tg(*args, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainguard", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def final_line(result: subprocess.CompletedProcess) -> str:
@@ -105,16 +95,6 @@ def status_json(job_id: str) -> dict:
     result = tg("status", job_id, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def wait_for(predicate, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- a terminal ---------------------------------------------------------------------------

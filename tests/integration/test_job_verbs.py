@@ -6,38 +6,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from trainguard.launch import JobSpec, JobTable
 from trainguard.launch.logs import LogClock
+from tests.integration.jobcli import tg, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = "tests/integration/launch_scripts/job.py"
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-def tg(*args, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainguard", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(predicate, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def one_line_error(result, code=2) -> str:
@@ -146,3 +124,19 @@ def test_logs_tail_and_since_across_attempts(home, tmp_path):
     assert tg("logs", job, "--attempt", 1, "--tail", 1).stdout == "attempt 1 line 4\n"
     assert "no attempt 3" in one_line_error(tg("logs", job, "--attempt", 3), code=1)
     assert "neither a duration" in tg("logs", job, "--since", "yesterday-ish").stderr
+
+
+def test_a_failed_job_resumed_in_the_foreground_goes_on_from_its_last_commit(home, tmp_path):
+    failed = tg("run", JOB, "--run-dir", tmp_path / "run", "--retries", 0, "--", "--steps", 20,
+                "--crash-attempts", 1, "--crash-at", 8)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    job = failed.stdout.split()[1]
+    committed = JobTable().get(job)["last_commit_step"]  # the newest a resume can use:
+    assert committed == 5  # not the crash's own save (step 7, kept for inspection)
+
+    resumed = tg("resume", job)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed.stdout.splitlines() == [f"job {job} succeeded: attempt 2 succeeded"]
+    assert f"attempt 2 starts after step {committed}" in resumed.stderr  # streamed output
+    assert [a.exit_code for a in JobTable().attempts(job)] == [1, 0]
+    assert "nothing to resume" in one_line_error(tg("resume", job), code=1)

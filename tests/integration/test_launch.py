@@ -16,30 +16,10 @@ import torch
 
 from trainguard import CheckpointManager
 from trainguard.launch import JobTable
+from tests.integration.jobcli import tg, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = "tests/integration/launch_scripts/job.py"
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-def tg(*args, timeout=180, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainguard", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
-def wait_for(predicate, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def job_row(job_id):

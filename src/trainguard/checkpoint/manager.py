@@ -574,14 +574,18 @@ class CheckpointManager:
         """
         return best_of(self.list(), metric, mode)
 
-    def latest_valid(self) -> CheckpointInfo | None:
+    def latest_valid(self, resumable: bool = False) -> CheckpointInfo | None:
         """The newest checkpoint that passes the cheap check, or None.
 
         With two tiers, the newer of the primary's and the mirror's (``info.tier``
         says which), so a fresh machine finds the checkpoints in the bucket.
+
+        Args:
+            resumable: skip checkpoints saved mid-step after an error (kept for
+                inspection): the newest one a resume starts from.
         """
         for info in self._candidates():
-            if info.valid:
+            if info.valid and (not resumable or _resumable(info)):
                 return info
         return None
 

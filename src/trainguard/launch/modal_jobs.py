@@ -423,7 +423,7 @@ class ModalBackend:
                                   f"--backend modal --name {job['name']} --env ...`: it "
                                   f"resumes from its last commit on the volume")
         self.table.reopen(job["id"], holds_run_dir, speed=None,
-                          message=f"resumed by `trainguard resume`")
+                          message="resumed by `trainguard resume`")
         self.table.sql("DELETE FROM modal_calls WHERE job_id = ?", (job["id"],))
         _, status = launch_modal(spec, call["options"], detach=detach, client=self.client,
                                  table=self.table, job_id=job["id"])

@@ -454,7 +454,7 @@ def _latest_commit(run_dir: str):
     from trainguard.checkpoint import CheckpointManager
 
     try:
-        return CheckpointManager(run_dir).latest_valid()
+        return CheckpointManager(run_dir).latest_valid(resumable=True)  # what a resume uses
     except Exception as exc:  # a run dir being written; never fatal to the supervisor
         log.debug("cannot list checkpoints of %s: %r", run_dir, exc)
         return None
