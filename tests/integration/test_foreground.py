@@ -99,9 +99,10 @@ def status_json(job_id: str) -> dict:
 
 # -- a terminal ---------------------------------------------------------------------------
 
-def run_on_a_terminal(args: list[str], interrupt_when) -> tuple[int, str]:
-    """Run ``trainguard ARGS`` with a pty as its controlling terminal; type Ctrl-C once
-    ``interrupt_when(output so far)`` holds. Its exit code and everything it printed."""
+def run_on_a_terminal(args: list[str], interrupt_when, hang_up=False) -> tuple[int, str]:
+    """Run ``trainguard ARGS`` with a pty as its controlling terminal; type Ctrl-C (or,
+    ``hang_up``, close the terminal) once ``interrupt_when(output so far)`` holds. Its exit
+    code and everything it printed."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
 
@@ -126,14 +127,19 @@ def run_on_a_terminal(args: list[str], interrupt_when) -> tuple[int, str]:
                     break
                 output += chunk
             if not interrupted and interrupt_when(output.decode(errors="replace")):
-                os.write(master, b"\x03")  # what the key does: SIGINT to the foreground group
                 interrupted = True
+                if hang_up:  # the window closes: the kernel sends SIGHUP to the session
+                    os.close(master)
+                    master = None
+                    break
+                os.write(master, b"\x03")  # what the key does: SIGINT to the foreground group
         assert interrupted, output.decode(errors="replace")[-3000:]
         return proc.wait(timeout=120), output.decode(errors="replace")
     finally:
         if proc.poll() is None:
             proc.kill()
-        os.close(master)
+        if master is not None:
+            os.close(master)
 
 
 def test_ctrl_c_on_a_terminal_streams_then_commits_and_exits_130(home, tmp_path):
@@ -166,6 +172,20 @@ def test_ctrl_c_on_a_terminal_streams_then_commits_and_exits_130(home, tmp_path)
     assert row["status"] == "stopped" and latest.step == row["last_commit_step"]
     assert latest.reason == "preempted" and row["speed"] is None
     assert [a.exit_code for a in JobTable().attempts(job_id)] == [75]
+
+
+def test_closing_the_terminal_stops_the_job_with_a_commit_and_exits_129(home, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _ = run_on_a_terminal(["run", LOUD, "--run-dir", str(run_dir), "--no-preflight",
+                                 "--", "--sleep", "0.05"],
+                                lambda text: text.count("loss=") >= 3, hang_up=True)
+    row = JobTable().get(JobTable().all()[0]["id"])
+    assert code == 129  # 128 + SIGHUP
+    assert row["status"] == "stopped", row["message"]  # not lost, not failed
+    assert "stopped by SIGHUP (its terminal closed)" in row["message"]
+    latest = CheckpointManager(run_dir).latest_valid()
+    assert latest.step == row["last_commit_step"] and latest.reason == "preempted"
+    assert [a.exit_code for a in JobTable().attempts(row["id"])] == [75]
 
 
 # -- pipes --------------------------------------------------------------------------------

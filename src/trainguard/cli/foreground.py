@@ -94,7 +94,10 @@ def supervise_in_foreground(table: JobTable,
         raise click.exceptions.Exit(EXIT_SIGNAL_BASE + signal.SIGINT) from None
     view.close()
     job = table.get(job_id)
-    click.echo(f"job {job_id} {status}: {job['message']}")
+    try:
+        click.echo(f"job {job_id} {status}: {job['message']}")
+    except OSError:  # the terminal is gone (SIGHUP): the exit code still says it
+        pass
     raise click.exceptions.Exit(exit_code(status, view.stop_signal))
 
 
@@ -158,6 +161,7 @@ class ForegroundView:
         self._follower: LogFollower | None = None
         self._message: str | None = None
         self._status_drawn = False
+        self._gone = False  # the terminal hung up: nothing more can be shown
 
     def __call__(self, job: dict) -> None:
         self._job = job
@@ -171,22 +175,22 @@ class ForegroundView:
         self._show_output(final=job.get("child_pid") is None)  # no child: all is written
         self._show_message(job)
         self._draw_status(job)
-        self.stream.flush()
+        self._write("", flush=True)
 
     def note(self, text: str) -> None:
         """Print one line of trainguard's own (above the status line)."""
         self._line(f"trainguard: {text}")
         if self._job is not None:
             self._draw_status(self._job)
-        self.stream.flush()
+        self._write("", flush=True)
 
     def close(self) -> None:
         """Show what is left of the output and take the status line away."""
         self._show_output(final=True)
         if self._status_drawn:
-            self.stream.write(_CLEAR)
+            self._write(_CLEAR)
             self._status_drawn = False
-        self.stream.flush()
+        self._write("", flush=True)
 
     def job_dir(self) -> Path | None:
         return self.table.job_dir(self._job["id"]) if self._job else None
@@ -213,17 +217,29 @@ class ForegroundView:
             where = f"; log: {self._log_path(job['id'], self._attempt)}"
         self._line(f"trainguard: job {job['id']}: {message}{where}")
 
+    def _write(self, text: str, flush: bool = False) -> None:
+        """Write to the stream; a terminal that hung up (EIO) ends the showing, never the
+        supervisor: the job stops on the SIGHUP and its logs keep every line."""
+        if self._gone:
+            return
+        try:
+            self.stream.write(text)
+            if flush:
+                self.stream.flush()
+        except OSError:
+            self._gone = True
+
     def _line(self, text: str) -> None:
         if self._status_drawn:
-            self.stream.write(_CLEAR)
+            self._write(_CLEAR)
             self._status_drawn = False
-        self.stream.write(text + "\n")
+        self._write(text + "\n")
 
     def _draw_status(self, job: dict) -> None:
         if not self.tty or job["status"] in FINAL:
             return
         width = _columns(self.stream) - 1  # a wrapped status line could not be redrawn
-        self.stream.write(_CLEAR + status_line(job)[:width])
+        self._write(_CLEAR + status_line(job)[:width])
         self._status_drawn = True
 
 

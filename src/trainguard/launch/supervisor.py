@@ -112,6 +112,10 @@ class Supervisor:
             self.request_stop(now=self._stop >= STOP_GRACEFUL, signum=signum)  # 2nd: now
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
+        # The terminal of a foreground run closed: stop as on SIGTERM (the job commits and
+        # can be resumed), unless the launch asked to outlive its terminal (`nohup`).
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, handler)
 
     def _poll_stop_request(self) -> None:
         requested = self.table.stop_requested(self.job_id)
@@ -199,7 +203,8 @@ class Supervisor:
         if self.stop_signal is None:
             return None
         name = signal.Signals(self.stop_signal).name
-        return name + (" (Ctrl-C)" if self.stop_signal == signal.SIGINT else "")
+        return name + {signal.SIGINT: " (Ctrl-C)", signal.SIGHUP: " (its terminal closed)"
+                       }.get(self.stop_signal, "")
 
     def _stopped_by(self) -> str:
         return f"stopped by {self._cause()}" if self._cause() else "stopped on request"
