@@ -148,3 +148,19 @@ def test_run_phase_shows_in_the_heartbeat(tmp_path):
             with run.phase(""):
                 pass
     assert read_heartbeat(tmp_path).status == "finished"
+
+
+def test_a_resumed_loop_shows_its_step_and_total_at_once(tmp_path):
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    with Run(tmp_path, save_every_steps=3, heartbeat_seconds=3600, tensorboard=False) as run:
+        run.track(model=model)
+        for _ in run.steps(3):
+            pass
+    with Run(tmp_path, save_every_steps=3, heartbeat_seconds=3600, tensorboard=False) as run:
+        run.track(model=model)
+        for _ in run.steps(6):  # the writer thread would not beat for an hour
+            beat = read_heartbeat(tmp_path)
+            assert (beat.step, beat.total) == (3, 6)
+            break

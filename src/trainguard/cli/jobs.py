@@ -314,8 +314,10 @@ def status_command(job: str, as_json: bool) -> None:
                f"  message  {row.get('message') or '-'}\n  logs     {table.job_dir(job_id)}")
     for a in attempts:
         took = format_duration((a.ended or time.time()) - a.started)
+        ended = _exit_text(a.exit_code)
+        ended = a.reason if a.reason and ended in a.reason else f"{ended} ({a.reason or 'running'})"
         click.echo(f"  attempt {a.n}: {time.strftime('%H:%M:%S', time.localtime(a.started))} "
-                   f"for {took}, {_exit_text(a.exit_code)} ({a.reason or 'running'})")
+                   f"for {took}, {ended}")
 
 
 class Since(click.ParamType):

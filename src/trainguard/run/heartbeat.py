@@ -120,6 +120,7 @@ class Heartbeat:
     def __init__(self, path: str | os.PathLike, *, interval: float, report_every: float,
                  wall_clock=time.time) -> None:
         self.path = Path(path)
+        self._write_lock = threading.Lock()
         self.interval = interval
         self.report_every = report_every
         self._now = wall_clock
@@ -179,8 +180,9 @@ class Heartbeat:
         # One fixed temp name: the run directory's writer lock makes this the only writer,
         # and a kill between write and rename leaves one stale file, not one per attempt.
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, self.path)  # atomic: readers see the old or the new file
+        with self._write_lock:  # the background writer and write_now() share the temp name
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self.path)  # atomic: readers see the old or the new file
         if now - self._last_report >= self.report_every:
             self._last_report = now
             self._report(doc, now)
@@ -227,6 +229,11 @@ class Heartbeat:
         with self._lock:
             self._fields["status"] = status
         self._write_logged()
+
+    def write_now(self) -> bool:
+        """Write the file at once (not at the next interval): e.g. when a resumed loop
+        starts, so a launcher shows the resumed step without waiting ``interval``."""
+        return self._write_logged()
 
     def _write_logged(self) -> bool:
         try:

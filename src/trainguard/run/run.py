@@ -355,6 +355,7 @@ class Run(EpochLoop, BestCheckpoint):
         s.metrics.begin(self._done, total, self._counters.samples)
         s.commits.restart_timer()
         s.heartbeat.progress(self._done, total)
+        s.heartbeat.write_now()  # launchers see the (resumed) step and the total at once
         if self._done >= total:
             log.info("step %d already reaches total %d: nothing to train", self._done, total)
         while True:
