@@ -5,35 +5,41 @@ The state is a stack of ``nn.Linear(d, d)`` layers (``--size-gb`` GB in all) on
 third of the bytes): ``--device cuda --adamw --size-gb 19.33`` is 96 x Linear(4096, 4096)
 + AdamW. Each method of ``ckpt_methods.py`` (torch.save, safetensors, DCP save, DCP
 async_save with its default stager and with a reused DefaultStager -- pinned with CUDA --,
-trainguard blocking and not) runs ``--repeat`` times, each time in a fresh process, so no
-method inherits another's caches, allocator pools or page cache. In that process:
+trainguard blocking and not) runs ``--repeat`` times; each time it saves in one fresh
+process and restores in another, so no method inherits another's caches, allocator pools
+or page cache, and a restore finds nothing its save left in memory (a resumed run).
 
-1. build the state and a zeroed target of the same shapes (same seed: same values);
-2. copy floor once (allocates and touches its buffer), reset the peak RSS;
-3. methods that keep buffers across saves (trainguard, the reused stager) save once to
+Save process:
+
+1. build the state (seeded); copy floor once (allocates and touches its buffer), reset
+   the peak RSS;
+2. methods that keep buffers across saves (trainguard, the reused stager) save once to
    warm up (its stall is reported as the first save's), as a training loop would;
-4. copy floor again, right before the timed save (memory bandwidth of a shared VM drifts
-   3-4x within minutes), then one save: stall and time-to-durable;
-5. peak extra host RSS = (VmHWM after the save - VmRSS at 2) / state bytes, so reused
-   buffers (host arena, stager cache) count;
-6. page cache dropped, cold restore into the target, checked with ``torch.equal``.
+3. dd write floor, copy floor, **the timed save** (stall and time-to-durable), copy
+   floor, dd write floor (its file stays for the restore's read floor);
+4. peak extra host RSS = (VmHWM after the save - VmRSS at 1) / state bytes, so reused
+   buffers (host arena, stager cache) count.
+
+Restore process: build the expected state and a zeroed target of the same shapes; dd
+read floor, page cache dropped, **the timed restore** into the target, dd read floor;
+then checked with ``torch.equal``.
 
 * stall   = until the loop may mutate parameters again (``ckpt_methods`` lists what each
   method's timer waits on);
 * durable = from the call to the fsync / commit;
 * restore = cold load + copy into the live tensors (baselines) / in-place restore.
 
-Floors: copy = every tensor into one preallocated buffer (pinned, non_blocking +
-synchronize, when the state is on CUDA: the pinned D2H floor; else memcpy), best of 3;
-disk = ``dd bs=64M oflag=direct`` write and cold ``dd bs=64M iflag=direct`` read of the
-state's bytes, once per repeat, in the parent. Ratios are time over time for the same
-bytes (1.00x = at the floor): stall / the copy floor taken in the same process just
-before it; durable / best write floor; restore / best read floor.
+Every ratio is the time over the mean of its two brackets, the floor measured on the
+same bytes right before and right after it (``floors.py``: dd O_DIRECT write + fsync of
+a fresh file, cold dd O_DIRECT read, memcpy / pinned D2H); a run whose brackets differ by
+more than 1.5x is marked NOISY. The table shows the median over the repeats and the
+[min-max] of the ratios.
 
 Incremental: a model whose bytes are ~90% a frozen ``nn.Embedding`` plus trainable Linear
 layers (plain SGD), ``--inc-size-gb`` GB on ``--device``, is saved with
 ``CheckpointManager(incremental=True)`` once, stepped once, saved again; reported: bytes
-of the 2nd save / 1st.
+of the 2nd save / 1st, and its time-to-durable against the dd write floor of the whole
+state (bracketed the same way): under 1.00x is faster than writing the state at all.
 
 Run:  python bench/ckpt_bench.py --size-gb 1 [--repeat 3] [--dir /mnt/disk] [--json out.json]
       python bench/ckpt_bench.py --device cuda --adamw --size-gb 19.33 --inc-size-gb 4
@@ -44,7 +50,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,12 +58,12 @@ from pathlib import Path
 
 import torch
 from ckpt_methods import METHODS, BenchState
+from floors import NOISY, Bracket, CopyFloor, DiskFloor, drop_caches, spread_of
 from torch import nn
 
 from trainguard import CheckpointManager
 
 GB = 1e9
-DD_BLOCK = 64 << 20
 
 
 # -- state ------------------------------------------------------------------------------
@@ -123,74 +128,6 @@ def live_flat(state: BenchState) -> dict[str, torch.Tensor]:
     return flat
 
 
-def drop_caches() -> bool:
-    """Flush and drop the page cache; False when not permitted (warm cache)."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-# -- floors -----------------------------------------------------------------------------
-
-def best_of(n: int, fn) -> float:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-class CopyFloor:
-    """Every tensor copied into views of one preallocated, touched host buffer: pinned
-    with non_blocking copies and one synchronize when any tensor is on CUDA (the pinned
-    device-to-host floor), a plain memcpy otherwise."""
-
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.cuda = any(t.device.type == "cuda" for t in tensors)
-        total = sum(t.numel() * t.element_size() for t in tensors)
-        buf = torch.empty(total, dtype=torch.uint8, pin_memory=self.cuda)
-        buf.fill_(0)
-        self.pairs, offset = [], 0
-        for t in tensors:
-            n = t.numel() * t.element_size()
-            self.pairs.append((buf[offset:offset + n].view(t.dtype).view(t.shape), t))
-            offset += n
-        self.name = "pinned D2H" if self.cuda else "memcpy"
-
-    def copy_all(self) -> None:
-        for dst, src in self.pairs:
-            dst.copy_(src, non_blocking=self.cuda)
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def __call__(self) -> float:
-        """Best of 3, seconds."""
-        return best_of(3, self.copy_all)
-
-
-def dd(*args: str) -> float:
-    start = time.perf_counter()
-    subprocess.run(["dd", *args], check=True, capture_output=True)
-    return time.perf_counter() - start
-
-
-def disk_floor(nbytes: int, work: Path) -> dict:
-    """dd write (O_DIRECT) and cold dd read (O_DIRECT) of about ``nbytes``."""
-    count = max(1, round(nbytes / DD_BLOCK))
-    path = work / "dd-floor.bin"
-    os.sync()
-    write_s = dd("if=/dev/zero", f"of={path}", "bs=64M", f"count={count}", "oflag=direct")
-    cold = drop_caches()
-    read_s = dd(f"if={path}", "of=/dev/null", "bs=64M", "iflag=direct")
-    path.unlink()
-    return {"bytes": count * DD_BLOCK, "write_s": write_s, "read_s": read_s, "cold": cold}
-
-
 # -- one method, one fresh process --------------------------------------------------------
 
 def _status_kb(field: str) -> int:
@@ -209,14 +146,13 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def child(args: argparse.Namespace) -> dict:
-    """``--only METHOD``: the steps in the module docstring, in this process."""
+def save_child(args: argparse.Namespace) -> dict:
+    """``--only METHOD --phase save``: steps 1-5 of the module docstring."""
     state = build_state(args, seed=0)
-    target = build_state(args, seed=0)
-    zero(target)
     nbytes = state_bytes(state)
     floor = CopyFloor(list(state.flat.values()))
     floor()
+    disk = DiskFloor(Path(args.dir), nbytes)
     exact = reset_peak_rss()
     before_kb = _status_kb("VmRSS")
     method = METHODS[args.only](Path(args.dir))
@@ -225,23 +161,19 @@ def child(args: argparse.Namespace) -> dict:
         if method.reuses_buffers:
             first = method.save(state, 1)
             method.discard(1)
-        floor_s = floor()
+        write_before = disk.write()
+        copy_before = floor()
         timing = method.save(state, 2)
         peak_kb = _status_kb("VmHWM")
-        cold = drop_caches()
-        start = time.perf_counter()
-        method.load(target, 2)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        restore_s = time.perf_counter() - start
-        check_and_zero(state, target, method.name)
-        method.discard(2)
+        copy_after = floor()
+        write_after = disk.write()  # the file stays: the restore's read floor reads it
     finally:
         method.close()
     extra = (peak_kb - before_kb) * 1024
-    return {"state_bytes": nbytes, "floor_name": floor.name, "floor_s": floor_s,
-            "stall_s": timing.stall_s, "durable_s": timing.durable_s, "restore_s": restore_s,
-            "bytes": timing.bytes, "cold": cold,
+    return {"state_bytes": nbytes, "floor_name": floor.name,
+            "stall": Bracket(timing.stall_s, copy_before, copy_after).to_json(),
+            "durable": Bracket(timing.durable_s, write_before, write_after).to_json(),
+            "bytes": timing.bytes,
             "first_stall_s": None if first is None else first.stall_s,
             "first_durable_s": None if first is None else first.durable_s,
             "rss_extra_bytes": extra, "rss_ratio": extra / nbytes,
@@ -249,15 +181,38 @@ def child(args: argparse.Namespace) -> dict:
             **timing.detail}
 
 
-def run_child(what: str, args: argparse.Namespace, work: Path) -> dict:
-    out = work / what.replace(" ", "_").replace("+", "_")
-    cmd = [sys.executable, __file__, "--only", what, "--dir", str(out),
+def restore_child(args: argparse.Namespace) -> dict:
+    """``--only METHOD --phase restore``: step 6, in a process that did not save."""
+    state = build_state(args, seed=0)
+    target = build_state(args, seed=0)
+    zero(target)
+    disk = DiskFloor(Path(args.dir), state_bytes(state))
+    method = METHODS[args.only](Path(args.dir))
+    try:
+        read_before = disk.read()
+        cold = drop_caches([Path(args.dir)])
+        start = time.perf_counter()
+        method.load(target, 2)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        restore_s = time.perf_counter() - start
+        read_after = disk.read()
+        check_and_zero(state, target, method.name)
+        method.discard(2)
+    finally:
+        method.close()
+        disk.remove()
+    return {"restore": Bracket(restore_s, read_before, read_after).to_json(), "cold": cold}
+
+
+def run_child(what: str, args: argparse.Namespace, out: Path, phase: str) -> dict:
+    """One fresh process: ``phase`` ("save" or "restore") of method ``what``."""
+    cmd = [sys.executable, __file__, "--only", what, "--phase", phase, "--dir", str(out),
            *[a for k, v in vars(args).items() if k in PASSED for a in _flag(k, v)]]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    shutil.rmtree(out, ignore_errors=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT: ")]
     if proc.returncode or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1],
+        return {"error": f"{phase}: " + (proc.stderr.strip().splitlines() or ["no output"])[-1],
                 "returncode": proc.returncode}
     return json.loads(lines[-1][len("RESULT: "):])
 
@@ -303,12 +258,16 @@ def incremental(args: argparse.Namespace) -> dict:
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     mgr = CheckpointManager(args.dir, incremental=True)
+    disk = DiskFloor(Path(args.dir), total)
     try:
         sgd_step(model, opt)
         first = mgr.save(1, {"model": model}).wait().manifest.total_bytes
         sgd_step(model, opt)
+        before = disk.write()
         handle = mgr.save(2, {"model": model})
         second = handle.wait().manifest.total_bytes
+        after = disk.write()
+        disk.remove()
         target = FrozenEmbeddingModel(args.inc_size_gb, args.device)
         assert mgr.restore({"model": target}) == 2
         for key, value in model.state_dict().items():
@@ -318,14 +277,22 @@ def incremental(args: argparse.Namespace) -> dict:
     return {"state_bytes": total, "trainable_fraction": trainable / total,
             "first_bytes": first, "second_bytes": second, "ratio": second / first,
             "second_stall_s": handle.stall_seconds,
-            "second_durable_s": handle.seconds_to_durable}
+            "second_durable_s": handle.seconds_to_durable,
+            "durable": Bracket(handle.seconds_to_durable, before, after).to_json()}
 
 
 # -- parent -----------------------------------------------------------------------------------
 
-def summarize(runs: list[dict], key: str) -> dict:
-    times = [r[key] for r in runs]
-    return {"best_s": min(times), "median_s": statistics.median(times), "all_s": times}
+def run_method(name: str, args: argparse.Namespace, work: Path) -> dict:
+    """Save in one fresh process, restore in another; the checkpoint is removed after."""
+    out = work / name.replace(" ", "_").replace("+", "_")
+    try:
+        result = run_child(name, args, out, "save")
+        if "error" not in result:
+            result.update(run_child(name, args, out, "restore"))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 def benchmark(args: argparse.Namespace, work: Path, names: list[str]) -> dict:
@@ -334,74 +301,83 @@ def benchmark(args: argparse.Namespace, work: Path, names: list[str]) -> dict:
                  "device": args.device, "adamw": args.adamw, "repeat": args.repeat,
                  "dir": str(work), "torch": torch.__version__, "cpus": os.cpu_count(),
                  "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-                 "floors": [], "methods": {}}
+                 "noisy_factor": NOISY, "methods": {}}
     if args.inc_size_gb > 0:  # first: cheap, and not lost if a long run is cut short
-        res["incremental"] = run_child("incremental", args, work)
+        res["incremental"] = run_child("incremental", args, work / "incremental", "save")
+        shutil.rmtree(work / "incremental", ignore_errors=True)
     for rep in range(args.repeat):
-        res["floors"].append(disk_floor(nbytes, work))
-        f = res["floors"][-1]
-        print(f"rep {rep + 1}/{args.repeat} dd: write {f['write_s']:.2f} s, "
-              f"read {f['read_s']:.2f} s", flush=True)
         for name in names:
-            r = run_child(name, args, work)
+            r = run_method(name, args, work)
             res["methods"].setdefault(name, []).append(r)
-            if "error" in r:
-                print(f"rep {rep + 1}/{args.repeat} {name}: FAILED: {r['error']}", flush=True)
-            else:
-                print(f"rep {rep + 1}/{args.repeat} {name}: stall {r['stall_s']:.2f} s "
-                      f"({r['floor_name']} {r['floor_s']:.2f} s), durable "
-                      f"{r['durable_s']:.2f} s, restore {r['restore_s']:.2f} s, "
-                      f"extra RSS {r['rss_ratio']:.2f}x", flush=True)
+            print(f"rep {rep + 1}/{args.repeat} {name}: {describe(r)}", flush=True)
             if args.json:  # partial results survive a run cut short
                 Path(args.json).write_text(json.dumps(res) + "\n")
     return res
 
 
-HEADER = ["method", "stall s", "stall/copy floor", "durable s", "durable/disk floor",
-          "restore s", "restore/read floor", "peak extra RSS / state"]
-WIDTHS = [19] + [len(h) for h in HEADER[1:]]
+def _bracket(b: dict, floor: str) -> str:
+    mark = " NOISY" if b["noisy"] else ""
+    return (f"{b['seconds']:.2f} s ({floor} {b['before_s']:.2f} | {b['after_s']:.2f} s: "
+            f"{b['ratio']:.2f}x{mark})")
+
+
+def describe(r: dict) -> str:
+    if "error" in r:
+        return f"FAILED: {r['error']}"
+    return (f"stall {_bracket(r['stall'], r['floor_name'])}, durable "
+            f"{_bracket(r['durable'], 'dd write')}, restore {_bracket(r['restore'], 'dd read')}"
+            f", extra RSS {r['rss_ratio']:.2f}x")
+
+
+HEADER = ["method", "stall s", "stall/copy", "durable s", "durable/dd write", "restore s",
+          "restore/dd read", "noisy w/r", "peak RSS"]
+WIDTHS = [19, 7, 20, 9, 20, 9, 20, 9, 8]
 
 
 def row(cells: list[str]) -> str:
     return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, WIDTHS)) + " |"
 
 
+def _cells(runs: list[dict], key: str) -> list[str]:
+    """Median seconds, and the ratio's median [min-max] over the repeats."""
+    sec = spread_of([r[key]["seconds"] for r in runs])
+    ratio = spread_of([r[key]["ratio"] for r in runs])
+    span = f" [{ratio['min']:.2f}-{ratio['max']:.2f}]" if len(runs) > 1 else ""
+    return [f"{sec['median']:.2f}", f"{ratio['median']:.2f}x{span}"]
+
+
+def _floor_line(runs: list[dict], key: str, name: str) -> str:
+    floors = [v for r in runs for v in (r[key]["before_s"], r[key]["after_s"])]
+    s = spread_of(floors)
+    return f"{name} {s['median']:.2f} s median ({s['min']:.2f}-{s['max']:.2f})"
+
+
 def print_report(res: dict) -> None:
     n = res["size_bytes"]
-    floors = res["floors"]
-    scale = n / floors[0]["bytes"]
-    write_s = min(f["write_s"] for f in floors) * scale
-    read_s = min(f["read_s"] for f in floors) * scale
-    cold = all(f["cold"] for f in floors)
+    ok_runs = [r for runs in res["methods"].values() for r in runs if "error" not in r]
+    cold = sorted({r["cold"] for r in ok_runs}) or ["-"]
     opt = " + AdamW" if res["adamw"] else ""
     print(f"\n{n / GB:.2f} GB state ({res['layers']} x Linear({res['d']}, {res['d']}){opt}, "
           f"float32) on {res['device']}{' (' + res['gpu'] + ')' if res['gpu'] else ''}, "
-          f"best of {res['repeat']}, fresh process per save, "
-          f"{'cold' if cold else 'WARM-cache'} restores, {res['cpus']} CPUs, "
-          f"torch {res['torch']}\n")
+          f"{res['repeat']} repeats (median [min-max] of the ratios), save and restore each "
+          f"in a fresh process, every one bracketed by its floor right before and after "
+          f"(ratio against their mean; NOISY: brackets differ by >{res['noisy_factor']}x), "
+          f"cold restores ({', '.join(cold)}), {res['cpus']} CPUs, torch {res['torch']}\n")
     print(row(HEADER))
     print("|" + "|".join("-" * (w + 2) for w in WIDTHS) + "|")
-    print(row(["dd write floor", "-", "-", f"{write_s:.2f}", "1.00x", "-", "-", "-"]))
-    print(row(["dd read floor", "-", "-", "-", "-", f"{read_s:.2f}", "1.00x", "-"]))
-    copy_floors = []
     for name, runs in res["methods"].items():
         ok = [r for r in runs if "error" not in r]
         if not ok:
-            print(row([name, "FAILED"] + ["-"] * 6) + f"  {runs[0]['error']}")
+            print(row([name, "FAILED"] + ["-"] * 7) + f"  {runs[0]['error']}")
             continue
-        copy_floors += [r["floor_s"] for r in ok]
-        stall = min(ok, key=lambda r: r["stall_s"] / r["floor_s"])
-        durable = min(r["durable_s"] for r in ok)
-        restore = min(r["restore_s"] for r in ok)
-        print(row([name, f"{stall['stall_s']:.2f}", f"{stall['stall_s'] / stall['floor_s']:.2f}x",
-                   f"{durable:.2f}", f"{durable / write_s:.2f}x", f"{restore:.2f}",
-                   f"{restore / read_s:.2f}x", f"{max(r['rss_ratio'] for r in ok):.2f}x"]))
-    if copy_floors:
-        name = next(r for rs in res["methods"].values() for r in rs if "error" not in r)
-        print(f"\nfloors: {name['floor_name']} {min(copy_floors):.2f}-{max(copy_floors):.2f} s "
-              f"({n / min(copy_floors) / GB:.1f} GB/s best; measured in each process right "
-              f"before its save) | dd write {floors[0]['bytes'] / min(f['write_s'] for f in floors) / GB:.2f} GB/s "
-              f"| dd read {floors[0]['bytes'] / min(f['read_s'] for f in floors) / GB:.2f} GB/s")
+        noisy = (f"{sum(r['durable']['noisy'] for r in ok)}/{len(ok)} "
+                 f"{sum(r['restore']['noisy'] for r in ok)}/{len(ok)}")
+        print(row([name, *_cells(ok, "stall"), *_cells(ok, "durable"),
+                   *_cells(ok, "restore"), noisy, f"{max(r['rss_ratio'] for r in ok):.2f}x"]))
+    if ok_runs:
+        print(f"\nbrackets over all runs: {_floor_line(ok_runs, 'stall', ok_runs[0]['floor_name'])}"
+              f" | {_floor_line(ok_runs, 'durable', 'dd write (O_DIRECT, fsync)')}"
+              f" | {_floor_line(ok_runs, 'restore', 'dd read (O_DIRECT, cold)')}")
     firsts = [f"{name} {runs[0]['first_stall_s']:.2f} s" for name, runs in res["methods"].items()
               if runs and runs[0].get("first_stall_s") is not None]
     if firsts:
@@ -409,16 +385,20 @@ def print_report(res: dict) -> None:
     print("stall waits on:")
     for name in res["methods"]:
         print(f"  {name}: {METHODS[name].stall_waits_on}")
+    print_incremental(res)
+
+
+def print_incremental(res: dict) -> None:
     inc = res.get("incremental")
     if inc and "error" in inc:
         print(f"incremental: FAILED: {inc['error']}")
     elif inc:
+        d = inc["durable"]
         print(f"incremental ({res['device']}): {inc['state_bytes'] / GB:.2f} GB, "
               f"{1 - inc['trainable_fraction']:.0%} frozen; 2nd save wrote "
               f"{inc['second_bytes'] / GB:.3f} GB of the 1st's {inc['first_bytes'] / GB:.3f} GB "
               f"= {inc['ratio']:.3f} (target <= 0.15); stall {inc['second_stall_s']:.2f} s, "
-              f"durable {inc['second_durable_s']:.2f} s")
-
+              f"durable {_bracket(d, 'dd write of the whole state')}")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -429,7 +409,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dir", default=None,
                         help="parent directory for the files (a temp dir is made inside "
                              "it and removed afterwards); default /tmp")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per method (best shown)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per method (median and spread shown)")
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
                         metavar="METHOD", help=f"subset of: {', '.join(METHODS)}")
     parser.add_argument("--inc-size-gb", type=float, default=1.0,
@@ -439,6 +420,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--report", default=None, metavar="JSON",
                         help="only print the tables of an earlier --json document")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--phase", default="save", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -450,7 +432,10 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device here")
     if args.only:
-        result = incremental(args) if args.only == "incremental" else child(args)
+        if args.only == "incremental":
+            result = incremental(args)
+        else:
+            result = save_child(args) if args.phase == "save" else restore_child(args)
         print("RESULT: " + json.dumps(result))
         return
     work = Path(tempfile.mkdtemp(prefix="ckpt_bench-", dir=args.dir or "/tmp"))

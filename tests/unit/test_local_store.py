@@ -124,3 +124,52 @@ def test_without_flock_a_dead_holder_is_taken_over_a_live_one_is_not(tmp_path, m
     lock_path.write_text(json.dumps({"pid": 1, "host": "another-host", "since": 1.0}))
     with pytest.raises(LockHeld, match="another-host"):
         LocalStore(tmp_path).lock(".lock").acquire()
+
+
+
+def _blob(nbytes: int, seed: int = 0) -> bytes:
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_streams_land_whole_with_several_writes_in_flight(tmp_path, direct_io, depth):
+    # 1 MiB staging buffers: 5 full ones written `depth` at a time, each at its own
+    # offset, then a tail that is not a whole page (padded, written, truncated).
+    store = LocalStore(tmp_path, direct_io=direct_io, chunk_bytes=1 << 20,
+                       write_depth=depth)
+    blob = _blob((5 << 20) + 1234)
+    view = memoryview(blob)
+    store.write("a.bin", [b"header", view[:3 << 20], view[3 << 20:], b"tail"])
+    assert bytes(store.read("a.bin")) == b"header" + blob + b"tail"
+    store.write("b.bin", blob)
+    assert bytes(store.read("b.bin")) == blob
+
+
+def test_a_failed_write_in_flight_fails_the_write_and_leaves_nothing(tmp_path, monkeypatch):
+    import trainguard.store.local as local
+
+    store = LocalStore(tmp_path, chunk_bytes=1 << 20, write_depth=3)
+    store.write("f.bin", b"old")
+    calls = []
+    real = os.pwrite
+
+    def failing(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(local.os, "pwrite", failing)
+    with pytest.raises(StoreError, match="No space left"):
+        store.write("f.bin", _blob(6 << 20))
+    monkeypatch.setattr(local.os, "pwrite", real)
+    assert bytes(store.read("f.bin")) == b"old"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(TMP_PREFIX)]
+
+
+def test_write_depth_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="write_depth"):
+        LocalStore(tmp_path, write_depth=0)
