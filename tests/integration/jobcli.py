@@ -26,3 +26,17 @@ def wait_for(predicate, timeout=120.0, what="condition", every=0.2):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def committed_on_signal(run_dir, output: str, signal_name: str = "SIGTERM"):
+    """The newest valid checkpoint of ``run_dir``, asserted to be the step the Run said it
+    committed on ``signal_name`` (in ``output``, its log). Its reason is ``preempted``, or
+    the cadence's when the signal fell right after a cadence save of that very step (the
+    Run then has nothing newer to save): which one is a matter of timing, not of
+    correctness."""
+    from trainguard import CheckpointManager
+
+    latest = CheckpointManager(run_dir).latest_valid()
+    said = f"preempted by {signal_name}: step {latest.step} committed"
+    assert said in output, output[-3000:]
+    return latest
