@@ -368,3 +368,11 @@ def test_a_modal_job_holds_its_run_dir_and_resumes_with_its_recorded_options(pro
     refused = runner.invoke(cli, ["resume", env_job])
     assert refused.exit_code == 1 and "--env WANDB_API_KEY" in refused.output
     assert "abc" not in refused.output
+
+
+def test_the_modal_commit_column_skips_saves_a_resume_would_skip():
+    from trainguard.launch.modal_jobs import _resumable_manifest
+
+    assert _resumable_manifest(b'{"step": 3, "tags": {"reason": "periodic"}}')
+    assert not _resumable_manifest(b'{"step": 7, "tags": {"resumable": "false"}}')
+    assert not _resumable_manifest(b"[1]") and not _resumable_manifest(b"{torn")

@@ -154,10 +154,23 @@ class RealModalClient:
         from trainguard.checkpoint.format import parse_step_dir
         from trainguard.store.modal_volume import ModalVolumeReader
 
-        steps = [parse_step_dir(key.split("/")[1]) for key in
-                 ModalVolumeReader(run_url).list("checkpoints/")
-                 if key.endswith("/manifest.json") and key.count("/") == 2]
-        return max((s for s in steps if s is not None), default=None)
+        reader = ModalVolumeReader(run_url)
+        keys = {parse_step_dir(key.split("/")[1]): key for key in reader.list("checkpoints/")
+                if key.endswith("/manifest.json") and key.count("/") == 2}
+        for step in sorted((s for s in keys if s is not None), reverse=True)[:8]:
+            if _resumable_manifest(bytes(reader.read(keys[step]))):
+                return step  # the newest a resume uses: not a mid-step save after an error
+        return None
+
+
+def _resumable_manifest(raw: bytes) -> bool:
+    """Whether a manifest parses and is not tagged ``resumable=false`` (a save made
+    mid-step after an error, which a resume skips)."""
+    try:
+        doc = json.loads(raw)
+        return doc.get("tags", {}).get("resumable") != "false"
+    except (ValueError, AttributeError, RecursionError):
+        return False
 
 
 def _table(table: JobTable) -> JobTable:
