@@ -5,6 +5,7 @@ statuses that say what happened."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -140,3 +141,44 @@ def test_a_failed_job_resumed_in_the_foreground_goes_on_from_its_last_commit(hom
     assert f"attempt 2 starts after step {committed}" in resumed.stderr  # streamed output
     assert [a.exit_code for a in JobTable().attempts(job)] == [1, 0]
     assert "nothing to resume" in one_line_error(tg("resume", job), code=1)
+
+
+def test_two_resumes_at_once_start_one_supervisor(home, tmp_path):
+    from trainguard.launch.jobs import JobBusy, holds_run_dir
+
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    table = JobTable()
+    job = table.create(JobSpec(str(script), run_dir=str(tmp_path / "run")))
+    table.update(job, status="stopped")
+    # Both launchers read the row as stopped; the table lets one of them reopen it.
+    table.reopen(job, holds_run_dir, supervisor_pid=os.getpid())
+    try:
+        JobTable().reopen(job, holds_run_dir, supervisor_pid=os.getpid())
+    except JobBusy as exc:
+        assert "resumed by another process" in str(exc)
+    else:
+        raise AssertionError("a second resume of a job being resumed was accepted")
+
+
+def test_logs_follow_shows_an_attempts_last_lines_before_the_next_one(home, tmp_path):
+    from trainguard.launch.backends import LocalBackend
+
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    table = JobTable()
+    job = table.create(JobSpec(str(script), run_dir=str(tmp_path / "run")))
+    logs = table.job_dir(job)
+    (logs / "attempt-1.log").write_text("step 1\n")
+    table.update(job, attempt=1, status="running")
+    follow = LocalBackend(table).logs(table.get(job), follow=True)
+    assert next(follow) == "step 1\n"
+    # Between two polls: attempt 1 commits and exits 75, attempts 2 and 3 start at once.
+    with open(logs / "attempt-1.log", "a") as out:
+        out.write("preempted: step 1 committed\n")
+    (logs / "attempt-2.log").write_text("attempt 2\n")
+    (logs / "attempt-3.log").write_text("attempt 3\n")
+    table.update(job, attempt=3, status="succeeded")
+    rest = "".join(follow)
+    assert rest == ("preempted: step 1 committed\n--- attempt 2 ---\nattempt 2\n"
+                    "--- attempt 3 ---\nattempt 3\n")

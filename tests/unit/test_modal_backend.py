@@ -354,8 +354,10 @@ def test_a_modal_job_holds_its_run_dir_and_resumes_with_its_recorded_options(pro
     starts = [c for c in fake.calls if c[0] == "start"]
     assert len(starts) == 2 and starts[1] == starts[0]  # the same app, the same run dir
     row = JobTable().get(job_id)
-    assert row["status"] == "running" and modal_jobs.modal_call(JobTable(), job_id)[
-        "options"].gpu == "A10G"
+    options = modal_jobs.recorded_options(modal_jobs.modal_call(JobTable(), job_id))
+    assert row["status"] == "running" and options.gpu == "A10G"
+    assert options.packages == tuple(dict.fromkeys(options.packages))  # not read twice
+    assert options.requirements_file is None  # its lines are in packages: no path to find
     assert len(JobTable().all()) == 1  # the same job, not a new one
 
     runner.invoke(cli, ["stop", job_id])
@@ -376,3 +378,31 @@ def test_the_modal_commit_column_skips_saves_a_resume_would_skip():
     assert _resumable_manifest(b'{"step": 3, "tags": {"reason": "periodic"}}')
     assert not _resumable_manifest(b'{"step": 7, "tags": {"resumable": "false"}}')
     assert not _resumable_manifest(b"[1]") and not _resumable_manifest(b"{torn")
+
+
+def test_a_resume_that_modal_refuses_can_be_resumed_again(project, tmp_path, monkeypatch):
+    from trainguard.launch import modal_jobs
+
+    fake = FakeClient()
+    monkeypatch.setattr(modal_jobs, "CLIENT_FACTORY", lambda: fake)
+    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(project)
+    runner = CliRunner()
+    job_id = runner.invoke(cli, ["run", "train.py", "--backend", "modal", "--volume", "runs",
+                                 "--requirements", "requirements.txt", "--no-preflight",
+                                 "--detach"]).output.splitlines()[0]
+    assert runner.invoke(cli, ["stop", job_id]).exit_code == 0
+    monkeypatch.chdir(tmp_path)  # the verbs work from anywhere (the options hold no path)
+    real_start = fake.start
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("modal is down")
+    fake.start = unreachable
+    refused = runner.invoke(cli, ["resume", job_id, "--detach"])
+    assert refused.exit_code == 1 and "modal is down" in refused.output
+    assert JobTable().get(job_id)["status"] == "failed"  # not pending forever
+    fake.start, fake.state = real_start, ("running", "")
+    again = runner.invoke(cli, ["resume", job_id, "--detach"])
+    assert again.exit_code == 0, again.output
+    assert JobTable().get(job_id)["status"] == "running"
+    assert runner.invoke(cli, ["logs", job_id]).exit_code == 0

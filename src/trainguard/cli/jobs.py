@@ -385,12 +385,7 @@ def stop_command(job: str, now: bool, wait: bool) -> None:
     if current["status"] in FINAL:
         click.echo(f"job {current['id']} already {current['status']}")
         return
-    backend = backend_for(table, current)
-    if wait and current["backend"] != "local":
-        click.echo(f"stopping job {current['id']}: " + ("killing it at once" if now else
-                                                        "the run saves and commits first"),
-                   err=True)
-    click.echo(backend.stop(current, now=now, wait=wait))
+    click.echo(backend_for(table, current).stop(current, now=now, wait=wait))
 
 
 @click.command("rm")

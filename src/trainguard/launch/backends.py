@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from trainguard.errors import TrainguardError
 from trainguard.launch import logs as joblogs
-from trainguard.launch.jobs import FINAL, JobTable, holds_run_dir, live_status
+from trainguard.launch.jobs import FINAL, JobBusy, JobTable, holds_run_dir, live_status
 from trainguard.launch.spec import JobSpec
 from trainguard.store.lock import pid_alive
 
@@ -31,12 +31,6 @@ class BackendUnreachable(TrainguardError):
     """The service a job runs on cannot be asked right now (its recorded state stands)."""
 
     exit_code = 1
-
-
-class JobBusy(TrainguardError):
-    """The verb needs an ended job (``rm``, ``resume``) and this one still runs."""
-
-    exit_code = 2
 
 
 @runtime_checkable
@@ -138,8 +132,13 @@ class LocalBackend:
         while follow:
             current = self.refresh(self.table.get(job["id"]))
             if attempt is None and (current["attempt"] or 1) > n:  # a new attempt began
-                n, offset = current["attempt"], 0
-                yield f"--- attempt {n} ---\n"
+                rest, _ = joblogs.read_from(joblogs.attempt_log(job_dir, n), offset)
+                yield rest  # the old attempt's last lines (its commit) first
+                for n in range(n + 1, current["attempt"] + 1):
+                    yield f"--- attempt {n} ---\n"
+                    if n < current["attempt"]:
+                        yield joblogs.read_from(joblogs.attempt_log(job_dir, n), 0)[0]
+                offset = 0
             text, offset = joblogs.read_from(joblogs.attempt_log(job_dir, n), offset)
             if text:
                 yield text
@@ -192,6 +191,10 @@ class LocalBackend:
         from trainguard.launch.local import supervise
 
         _require_ended(job, "resume")
+        if not os.path.isdir(job["spec"].cwd):
+            raise TrainguardError(f"job {job['id']}'s working directory {job['spec'].cwd} no "
+                                  f"longer exists; put it back, or start a new job with "
+                                  f"`trainguard run`")
         if not os.path.isfile(job["spec"].script):
             raise TrainguardError(f"job {job['id']}'s script {job['spec'].script} no longer "
                                   f"exists; put it back, or start a new job with "

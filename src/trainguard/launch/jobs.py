@@ -83,6 +83,12 @@ class RunDirBusy(TrainguardError):
         self.job_id, self.run_dir = job_id, run_dir
 
 
+class JobBusy(TrainguardError):
+    """The verb needs an ended job (``rm``, ``resume``) and this one still runs."""
+
+    exit_code = 2
+
+
 class JobTableError(TrainguardError):
     """The job table cannot be opened or written (corrupt, read-only, not a database)."""
 
@@ -208,6 +214,12 @@ class JobTable:
         run_dir = self.get(job_id)["run_dir"]
         fields.update(status="pending", stop_requested=0, failures=0, updated=time.time())
         with self._exclusive(run_dir, holds, job_id):
+            own = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if own is None:
+                raise JobNotFound(f"no job {job_id!r}; `trainguard ps` lists the jobs")
+            if holds(dict(own)):  # another `resume` got there first
+                raise JobBusy(f"job {job_id} is {own['status']} again (resumed by another "
+                              f"process); `trainguard status {job_id}` shows it")
             names = ", ".join(f"{k} = ?" for k in fields)
             self._db.execute(f"UPDATE jobs SET {names} WHERE id = ?", (*fields.values(), job_id))
 

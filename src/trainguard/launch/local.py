@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from trainguard.errors import RunDirError
+from trainguard.errors import RunDirError, TrainguardError
 from trainguard.launch.jobs import JobTable, holds_run_dir
 from trainguard.launch.spec import JobSpec
 from trainguard.launch.supervisor import Supervisor
@@ -44,10 +44,16 @@ def supervise(table: JobTable, job_id: str, *, detach: bool,
     spec = table.get(job_id)["spec"]
     log_path = table.job_dir(job_id) / "supervisor.log"
     env = {**os.environ, "TRAINGUARD_HOME": str(table.home)}
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "trainguard.launch.supervisor", job_id],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env, cwd=spec.cwd)
+    try:
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "trainguard.launch.supervisor",
+                                     job_id], stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                    cwd=spec.cwd)
+    except OSError as exc:  # never a job left pending with nobody to run it
+        table.update(job_id, status="failed", supervisor_pid=None,
+                     message=f"its supervisor could not start: {exc}")
+        raise TrainguardError(f"job {job_id}: its supervisor could not start ({exc})") from exc
     table.update(job_id, supervisor_pid=proc.pid)
     return None
 

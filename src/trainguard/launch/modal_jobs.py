@@ -186,7 +186,9 @@ def record_call(table: JobTable, job_id: str, app_id: str, call_id: str, app_nam
                 options: ModalOptions | None = None) -> None:
     """Remember which Modal app and function call run ``job_id`` (and with which options:
     ``trainguard resume`` launches it again with them)."""
-    stored = json.dumps(dataclasses.asdict(options)) if options is not None else None
+    stored = None
+    if options is not None:  # the requirements file's lines are in ``packages`` already
+        stored = json.dumps(dataclasses.asdict(options) | {"requirements_file": None})
     _table(table).sql("INSERT OR REPLACE INTO modal_calls (job_id, app_id, call_id, app_name, "
                       "options) VALUES (?, ?, ?, ?, ?)",
                       (job_id, app_id, call_id, app_name, stored))
@@ -194,20 +196,26 @@ def record_call(table: JobTable, job_id: str, app_id: str, call_id: str, app_nam
 
 def modal_call(table: JobTable, job_id: str) -> dict | None:
     """``{"app_id", "call_id", "app_name", "app_stopped", "options"}`` of a Modal job
-    (None: not one; ``options`` a :class:`ModalOptions` or None)."""
+    (None: not one; ``call_id`` None while a resume starts a new call; ``options`` the
+    recorded :class:`ModalOptions` as JSON text, see :func:`recorded_options`)."""
     rows = _table(table).sql("SELECT app_id, call_id, app_name, app_stopped, options FROM "
                              "modal_calls WHERE job_id = ?", (job_id,))
-    if not rows:
-        return None
-    call = dict(rows[0])
-    if call["options"]:
-        doc = json.loads(call["options"])
-        call["options"] = ModalOptions(**{k: tuple(v) if k in _TUPLES else v
-                                          for k, v in doc.items()})
-    return call
+    return dict(rows[0]) if rows else None
 
 
 _TUPLES = ("packages", "add_local", "secrets")
+
+
+def recorded_options(call: dict | None) -> ModalOptions | None:
+    """The options a Modal job was launched with (None: not recorded, or unreadable)."""
+    if not call or not call.get("options"):
+        return None
+    try:
+        doc = json.loads(call["options"])
+        return ModalOptions(**{k: tuple(v) if k in _TUPLES else v for k, v in doc.items()})
+    except (ValueError, TypeError) as exc:  # ModalConfigError is a ValueError
+        log.warning("cannot read the recorded Modal options: %s", exc)
+        return None
 
 
 def masked(spec: JobSpec) -> JobSpec:
@@ -249,15 +257,18 @@ def launch_modal(spec: JobSpec, options: ModalOptions, *, detach: bool, client: 
         job_id = table.create(masked(spec), backend="modal", run_dir=url, holds=holds_run_dir)
     table.update(job_id, status="running", message=f"modal app {plan.app_name}")
 
+    calls: list[str] = []
+
     def started(app_id: str, call_id: str) -> None:  # recorded before the launcher can die
         record_call(table, job_id, app_id, call_id, plan.app_name, options)
         table.update(job_id, message=f"modal app {app_id}, call {call_id}")
+        calls.append(call_id)
 
     try:
         client.start(app, function, plan.job, detach=detach, started=started)
     except Exception as exc:  # Modal's error, said once, without its traceback
         message = f"modal launch failed: {type(exc).__name__}: {exc}"
-        if modal_call(table, job_id) is None:  # the call never started
+        if not calls:  # this launch's call never started
             table.update(job_id, status="failed", message=message)
             raise ModalLaunchFailed(f"job {job_id}: {message}") from exc
         table.update(job_id, message=f"the launcher lost Modal after the job started: {exc}")
@@ -270,7 +281,8 @@ def _end_app(table: JobTable, job_id: str, call: dict, client: ModalClient) -> N
     if call["app_stopped"]:
         return
     client.stop_app(call["app_id"])
-    table.sql("UPDATE modal_calls SET app_stopped = 1 WHERE job_id = ?", (job_id,))
+    table.sql("UPDATE modal_calls SET app_stopped = 1 WHERE job_id = ? AND app_id = ?",
+              (job_id, call["app_id"]))
 
 
 def _record_commit(table: JobTable, job: dict, client: ModalClient) -> None:
@@ -289,13 +301,16 @@ def refresh(table: JobTable, job_id: str, client: ModalClient) -> str:
     seen ended has its app stopped."""
     job = table.get(job_id)
     call = modal_call(table, job_id)
-    if call is None:
+    if call is None or not call["call_id"]:
         return job["status"]
     status = job["status"]
     if status not in FINAL:
         status, message = client.poll(call["call_id"])
         if status == "failed" and job.get("stop_requested"):
             status, message = "stopped", "stopped by `trainguard stop` (the run committed first)"
+        now = modal_call(table, job_id)
+        if now is None or now["call_id"] != call["call_id"]:  # resumed meanwhile: a new call
+            return table.get(job_id)["status"]
         if status != "running":
             table.update(job_id, status=status, message=message or job["message"])
         _record_commit(table, job, client)
@@ -322,8 +337,10 @@ def stop(table: JobTable, job_id: str, client: ModalClient, *, timeout: float = 
         ValueError: not a Modal job.
     """
     call = modal_call(table, job_id)
-    if call is None:
-        raise ValueError(f"job {job_id} is not a Modal job")
+    if call is None or not call["call_id"]:  # its launch never started a call
+        table.update(job_id, status="stopped", stop_requested=1,
+                     message="stopped by `trainguard stop` before Modal started it")
+        return "stopped"
     table.update(job_id, stop_requested=2 if now else 1,
                  message=f"cancelling modal call {call['call_id']}")
     client.cancel(call["call_id"], terminate=now)
@@ -400,7 +417,7 @@ class ModalBackend:
             raise TrainguardError("--attempt is for local jobs: a Modal job's retries run in "
                                   "one function call, and its logs hold every attempt")
         call = modal_call(self.table, job["id"])
-        if call is None:
+        if call is None or not call["call_id"]:
             raise TrainguardError(f"job {job['id']} has no recorded Modal call (its launch "
                                   f"failed: `trainguard status {job['id']}` says why)")
         with talking_to_modal(f"read the logs of job {job['id']} from Modal"):
@@ -409,6 +426,9 @@ class ModalBackend:
                                         since=since)
 
     def stop(self, job: dict, *, now: bool = False, wait: bool = True) -> str:
+        if wait:
+            log.info("stopping job %s: %s", job["id"], "killing its containers" if now
+                     else "the run saves and commits first")
         with talking_to_modal(f"stop job {job['id']} on Modal"):
             status = stop(self.table, job["id"], self.client, wait=wait, now=now,
                           timeout=job["spec"].stop_grace + 300)
@@ -422,7 +442,8 @@ class ModalBackend:
 
         _require_ended(job, "resume")
         call = modal_call(self.table, job["id"])
-        if call is None or call["options"] is None:
+        options = recorded_options(call)
+        if options is None:
             raise TrainguardError(f"job {job['id']}'s Modal options were not recorded (it "
                                   f"never started, or an older trainguard launched it); "
                                   f"launch it again with `trainguard run ... --backend "
@@ -435,11 +456,24 @@ class ModalBackend:
                                   f"does not keep; launch it again with `trainguard run ... "
                                   f"--backend modal --name {job['name']} --env ...`: it "
                                   f"resumes from its last commit on the volume")
+        try:
+            plan = build_plan(spec, options)  # what can fail here fails before the reopen
+        except (ValueError, OSError) as exc:
+            raise TrainguardError(f"job {job['id']} cannot be launched again as it was: "
+                                  f"{exc}") from exc
         self.table.reopen(job["id"], holds_run_dir, speed=None,
                           message="resumed by `trainguard resume`")
-        self.table.sql("DELETE FROM modal_calls WHERE job_id = ?", (job["id"],))
-        _, status = launch_modal(spec, call["options"], detach=detach, client=self.client,
-                                 table=self.table, job_id=job["id"])
+        # The old call stays recorded (options, app) until the new one exists; a `ps`
+        # meanwhile polls nothing.
+        self.table.sql("UPDATE modal_calls SET call_id = NULL WHERE job_id = ?", (job["id"],))
+        try:
+            _, status = launch_modal(spec, options, detach=detach, client=self.client,
+                                     table=self.table, plan=plan, job_id=job["id"])
+        except BaseException as exc:
+            if self.table.get(job["id"])["status"] == "pending":
+                self.table.update(job["id"], status="failed",
+                                  message=f"`trainguard resume` could not launch it: {exc}")
+            raise
         return status
 
     def forget(self, job: dict) -> None:

@@ -150,6 +150,7 @@ class Supervisor:
         note = " (resumed)" if attempt else ""  # why this attempt runs: a retry, a resume
         while True:
             attempt += 1
+            self._poll_stop_request()  # a `trainguard stop` sent while this one started
             if self._stop:
                 return self._finish("stopped", f"{self._stopped_by()} before attempt {attempt}")
             code, reason, workers = self._attempt(attempt, note)
