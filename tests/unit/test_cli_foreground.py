@@ -92,3 +92,42 @@ def test_on_a_terminal_the_status_line_is_cleared_before_every_line(tmp_path):
     assert status + "\r\x1b[2Ktrainguard: a warning\n" in text  # never glued to the status
     assert "\r\x1b[2Kloss=1.0\n" in text
     assert text.endswith("\r\x1b[2K")  # closed: the status line is gone, the cursor at col 0
+
+
+def test_a_ctrl_c_before_the_supervisor_runs_leaves_the_job_stopped_not_lost(tmp_path,
+                                                                              monkeypatch):
+    import click
+
+    from trainguard.cli.foreground import supervise_in_foreground
+    from trainguard.launch import JobSpec
+
+    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    table = JobTable()
+
+    def start(view):  # the job is recorded, then Ctrl-C lands before any handler
+        table.create(JobSpec(str(script), run_dir=str(tmp_path / "run")))
+        raise KeyboardInterrupt
+
+    with pytest.raises(click.exceptions.Exit) as ended:
+        supervise_in_foreground(table, start)
+    assert ended.value.exit_code == 130
+    (job,) = table.all()
+    assert job["status"] == "stopped" and "before its first attempt" in job["message"]
+
+
+def test_rm_is_refused_for_a_job_resumed_since_it_was_read(tmp_path, monkeypatch):
+    from trainguard.launch import JobSpec
+    from trainguard.launch.jobs import JobBusy, holds_run_dir
+
+    monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    table = JobTable()
+    job = table.create(JobSpec(str(script), run_dir=str(tmp_path / "run")))
+    table.update(job, status="stopped")
+    table.reopen(job, holds_run_dir)  # `resume` in another process, after `rm` read it
+    with pytest.raises(JobBusy):
+        table.delete(job, holds=holds_run_dir)
+    assert table.get(job)["status"] == "pending"

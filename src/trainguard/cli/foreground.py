@@ -90,6 +90,10 @@ def supervise_in_foreground(table: JobTable,
             job_id, status = start(view)
     except KeyboardInterrupt:  # before the supervisor handles SIGINT: nothing started
         view.close()
+        for job in table.all():  # the job this process created or reopened, if any
+            if job["supervisor_pid"] == os.getpid() and job["status"] == "pending":
+                table.update(job["id"], status="stopped",
+                             message="interrupted (Ctrl-C) before its first attempt")
         click.echo("trainguard: interrupted before the job started", err=True)
         raise click.exceptions.Exit(EXIT_SIGNAL_BASE + signal.SIGINT) from None
     view.close()

@@ -22,7 +22,7 @@ from trainguard.launch import (
     parse_duration,
 )
 from trainguard.launch.backends import BackendUnreachable, backend_for, ended
-from trainguard.launch.jobs import FINAL, live_status
+from trainguard.launch.jobs import FINAL, holds_run_dir, live_status
 
 
 class Duration(click.ParamType):
@@ -407,7 +407,7 @@ def rm_command(jobs: tuple[str, ...], lost: bool) -> None:
     for job in targets:
         job = _fresh(table, job)
         backend_for(table, job).forget(job)
-        table.delete(job["id"])
+        table.delete(job["id"], holds=holds_run_dir)
         click.echo(f"removed job {job['id']} ({job['status']}); its run directory "
                    f"{job['run_dir']} is kept")
     if lost and not targets:

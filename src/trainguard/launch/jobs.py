@@ -241,10 +241,25 @@ class JobTable:
             raise
 
     @_translated
-    def delete(self, job_id: str) -> None:
-        """Forget a job: its row, its attempts and its logs (never its run directory)."""
-        self._db.execute("DELETE FROM attempts WHERE job_id = ?", (job_id,))
-        self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+    def delete(self, job_id: str, holds: Callable[[dict], bool] | None = None) -> None:
+        """Forget a job: its row, its attempts and its logs (never its run directory).
+
+        Raises:
+            JobBusy: ``holds`` says the job runs (checked in the same transaction as the
+                delete: a ``resume`` in between wins, the delete is refused).
+        """
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and holds is not None and holds(dict(row)):
+                raise JobBusy(f"job {job_id} is {row['status']} (resumed meanwhile?); "
+                              f"`trainguard stop {job_id}` first")
+            self._db.execute("DELETE FROM attempts WHERE job_id = ?", (job_id,))
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     @_translated
