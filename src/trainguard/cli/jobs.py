@@ -205,15 +205,10 @@ def _speed(job: dict) -> str:
     return f"{job['speed']:.2f}/s" if _running(job) and job.get("speed") else "-"
 
 
-def _status(job: dict) -> str:
-    """The job's status, or ``lost`` when its supervisor died without recording an end."""
-    return live_status(job)
-
-
 def _summary(job: dict) -> str:
     step = f"{job['step']}/{job['total'] or '?'}" if job.get("step") is not None else "-"
     commit = job.get("last_commit_step")
-    return (f"{job['id']} {_status(job)} attempt {job['attempt']} step {step} commit "
+    return (f"{job['id']} {live_status(job)} attempt {job['attempt']} step {step} commit "
             f"{commit if commit is not None else '-'} ({_age(job.get('last_commit_at'))} ago)"
             f" speed {_speed(job)} eta {_eta(job)} cost ${job.get('cost_usd') or 0:.2f}")
 

@@ -85,19 +85,15 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y) -> torch.
 def steps_loop(args: argparse.Namespace, run: Run, model: nn.Module) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     dataset = Augmented(augment=args.loop != "stateful")
-    if args.loop == "plain":
-        loader = DataLoader(dataset, batch_size=8, shuffle=True, num_workers=args.workers,
-                            drop_last=args.drop_last)
-        run.track(model=model, optimizer=optimizer, data=loader)
-        for step, (x, y) in run.steps(args.total, data=loader):
-            run.log(loss=sgd_step(model, optimizer, x, y))
-            time.sleep(args.step_sleep)
-            print(f"step {step}", flush=True)
-    elif args.loop == "stateful":
-        from torchdata.stateful_dataloader import StatefulDataLoader
+    if args.loop in ("plain", "stateful"):
+        if args.loop == "plain":
+            loader = DataLoader(dataset, batch_size=8, shuffle=True, num_workers=args.workers,
+                                drop_last=args.drop_last)
+        else:
+            from torchdata.stateful_dataloader import StatefulDataLoader
 
-        loader = StatefulDataLoader(dataset, batch_size=8, shuffle=True,
-                                    num_workers=args.workers)
+            loader = StatefulDataLoader(dataset, batch_size=8, shuffle=True,
+                                        num_workers=args.workers)
         run.track(model=model, optimizer=optimizer, data=loader)
         for step, (x, y) in run.steps(args.total, data=loader):
             run.log(loss=sgd_step(model, optimizer, x, y))
