@@ -90,3 +90,79 @@ class Store(Protocol):
     def commit(self) -> None:
         """Make everything written so far durable and visible to other readers."""
         ...
+
+
+# -- optional capabilities ---------------------------------------------------------------
+#
+# A backend that can do more than the core protocol says so by implementing one of these;
+# callers check with ``isinstance(store, Lockable)``, never by probing attributes.
+
+
+@runtime_checkable
+class WriterLock(Protocol):
+    """The single-writer lock of a run directory (an flock, an object-store lease)."""
+
+    def acquire(self) -> WriterLock:
+        """Take the lock. Raises :class:`~trainguard.errors.LockHeld` when another holds it."""
+        ...
+
+    def confirm(self) -> WriterLock:
+        """Check the lock is still ours right before publishing or deleting.
+
+        Raises:
+            LockHeld: another writer took it over (a lease that expired while frozen).
+        """
+        ...
+
+    def release(self) -> None:
+        """Give the lock up; releasing one not held is not an error."""
+        ...
+
+
+@runtime_checkable
+class Lockable(Protocol):
+    """A store whose run directory has a single-writer lock."""
+
+    def lock(self, name: str, purpose: str = "writer") -> WriterLock:
+        """The lock called ``name`` (not taken yet)."""
+        ...
+
+
+@runtime_checkable
+class ExclusiveCreate(Protocol):
+    """A store that can create a key only if it is absent (the commit's safety net)."""
+
+    def create(self, key: str, data: Data) -> int:
+        """Write ``key`` atomically unless it exists.
+
+        Raises:
+            FileExistsError: ``key`` exists; it is untouched.
+        """
+        ...
+
+
+@runtime_checkable
+class Refreshable(Protocol):
+    """A store whose view can be stale until refreshed (a Modal volume: ``reload``)."""
+
+    def refresh(self) -> None:
+        """See what other writers committed since this view was taken."""
+        ...
+
+
+@runtime_checkable
+class TempCleaning(Protocol):
+    """A store whose writes leave temporary files when a writer is killed mid-write."""
+
+    def remove_temp_files(self, prefix: str = "") -> list[str]:
+        """Remove what killed writers left under ``prefix``; returns the removed paths."""
+        ...
+
+
+@runtime_checkable
+class Retrying(Protocol):
+    """A store with its own retry budget (an object store behind a network)."""
+
+    def with_retry(self, retry: object) -> Store:
+        """A view of this store that retries with ``retry`` (a ``Backoff``) instead."""
+        ...
