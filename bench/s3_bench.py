@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.s3server import MotoServer  # noqa: E402
-from trainguard import CheckpointManager  # noqa: E402
-from trainguard.store.object import ObjectStore  # noqa: E402
+from tests.s3server import MotoServer
+
+from trainguard import CheckpointManager
+from trainguard.store.object import ObjectStore
 
 MB = 1e6
 

@@ -27,6 +27,7 @@ from sklearn.datasets import load_digits
 from torch import nn, optim
 from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DataLoader, Dataset
+
 from trainguard.run import Run
 
 

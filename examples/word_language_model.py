@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
 from trainguard.run import Run
 
 parser = argparse.ArgumentParser(description="Word-level LSTM language model")

@@ -415,7 +415,7 @@ def _parsed(raw: bytes):
 def _reference(raw: bytes):
     try:
         return safetensors.torch.load(raw)
-    except Exception:  # noqa: BLE001 -- the reference refusing is all that is asked
+    except Exception:  # the reference refusing is all that is asked
         return None
 
 

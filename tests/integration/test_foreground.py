@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from trainguard.launch import JobSpec, JobTable, RetryPolicy, Supervisor
 from tests.integration.jobcli import committed_on_signal, tg, wait_for
+from trainguard.launch import JobSpec, JobTable, RetryPolicy, Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 LOUD = "tests/integration/launch_scripts/loud.py"

@@ -10,10 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-
+from tests.integration.jobcli import tg, wait_for
 from trainguard.launch import JobSpec, JobTable
 from trainguard.launch.logs import LogClock
-from tests.integration.jobcli import tg, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = "tests/integration/launch_scripts/job.py"

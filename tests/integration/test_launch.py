@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.integration.jobcli import committed_on_signal, tg, wait_for
 from trainguard import CheckpointManager
 from trainguard.launch import JobTable
-from tests.integration.jobcli import committed_on_signal, tg, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = "tests/integration/launch_scripts/job.py"

@@ -61,12 +61,12 @@ def main(url: str, point: str) -> None:
     try:
         mgr.save(2, {"w": torch.full((64,), -2.0)}, blocking=True)
         print("COMMITTED 2", flush=True)
-    except Exception as exc:  # noqa: BLE001 -- reported to the test
+    except Exception as exc:  # reported to the test
         cause = exc.__cause__ or exc
         print(f"FAILED {type(exc).__name__} {type(cause).__name__}: {exc}", flush=True)
     try:
         mgr.close()
-    except Exception:  # noqa: BLE001 -- the failure above was reported already
+    except Exception:  # the failure above was reported already
         pass
 
 

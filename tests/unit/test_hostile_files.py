@@ -85,7 +85,7 @@ def _finishes(fn, path):
     def target():
         try:
             result["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 -- checked by the caller
+        except BaseException as exc:  # checked by the caller
             result["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)

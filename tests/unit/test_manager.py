@@ -64,7 +64,7 @@ def test_damaged_file_in_newest_falls_back_to_previous(tmp_path, caplog, damage)
             step, target = _restored(mgr)
         assert step == 10
         assert torch.equal(target["w"], _state(10)["w"]) and target["step"] == 10
-        assert f"skipping checkpoint step 20" in caplog.text and victim.name in caplog.text
+        assert "skipping checkpoint step 20" in caplog.text and victim.name in caplog.text
         problem = mgr.verify(20).problem
         assert problem is not None and victim.name in problem
         victim.write_bytes(original)

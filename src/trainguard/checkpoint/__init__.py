@@ -15,7 +15,6 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), {
 
 if TYPE_CHECKING:
     from trainguard.checkpoint.manager import CheckpointInfo, CheckpointManager
-    from trainguard.checkpoint.saving import SaveHandle
     from trainguard.checkpoint.retention import (
         RetentionPolicy,
         keep_any,
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
         keep_newer_than,
     )
     from trainguard.checkpoint.rng import RNGState
+    from trainguard.checkpoint.saving import SaveHandle
 
 __all__ = [
     "CheckpointInfo",

@@ -62,18 +62,18 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from trainguard.checkpoint.format import (
+    _CODES,
     MANIFEST,
     STATE_FILE,
     FileEntry,
     HashedChunks,
     Manifest,
-    checksum,
-    _CODES,
     check_file_name,
+    checksum,
+    dtype_code,
     member_name,
     new_writer,
     step_dir,
-    dtype_code,
     tensor_bytes,
 )
 from trainguard.checkpoint.saving import publish_manifest

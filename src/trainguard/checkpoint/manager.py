@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from trainguard._units import human_bytes  # noqa: F401 -- also imported from here
+from trainguard._units import human_bytes
 from trainguard.checkpoint.format import (
     CHECKPOINTS_DIR,
     MANIFEST,
@@ -56,13 +56,17 @@ from trainguard.checkpoint.format import (
     read_manifest,
     step_dir,
 )
-from trainguard.checkpoint.schema import MAX_STATE_BYTES
 from trainguard.checkpoint.mirror import Mirror
 from trainguard.checkpoint.retention import RetentionPolicy, keep_best
 from trainguard.checkpoint.saving import FailedSaves, FinalPieces, SaveHandle, SaveJob
+from trainguard.checkpoint.schema import MAX_STATE_BYTES
 from trainguard.checkpoint.snapshot import ChangeTracker, HostArena, Location
-from trainguard.checkpoint.tree import check_tree, flatten_with_fresh, parse_state_file, \
-    restore_into
+from trainguard.checkpoint.tree import (
+    check_tree,
+    flatten_with_fresh,
+    parse_state_file,
+    restore_into,
+)
 from trainguard.errors import (
     CheckpointCorrupt,
     CheckpointExists,

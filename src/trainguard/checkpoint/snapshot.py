@@ -88,7 +88,7 @@ class HostArena:
                     buffer = torch.empty(total_bytes, dtype=torch.uint8)
                     buffer.fill_(0)  # fault the pages in now, not during the snapshot
                 self._reserved = (buffer, pin, registered)
-            except Exception as exc:  # noqa: BLE001 -- the save allocates instead
+            except Exception as exc:  # the save allocates instead
                 log.warning("could not reserve %d bytes of host memory for checkpoints "
                             "ahead of time (%r); the first save allocates them", total_bytes,
                             exc)

@@ -37,8 +37,14 @@ import numpy as np
 import torch
 
 from trainguard.checkpoint.format import check_file_name
-from trainguard.checkpoint.schema import MAX_DEPTH, MAX_STATE_BYTES, Fields, as_int, \
-    check_depth, load_json
+from trainguard.checkpoint.schema import (
+    MAX_DEPTH,
+    MAX_STATE_BYTES,
+    Fields,
+    as_int,
+    check_depth,
+    load_json,
+)
 from trainguard.errors import CheckpointCorrupt, StateMismatch
 
 TAG = "__tg__"

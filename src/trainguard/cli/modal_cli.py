@@ -15,6 +15,7 @@ import click
 from trainguard.launch import JobSpec, JobTable
 from trainguard.preflight import run_preflight
 
+
 def modal_options(*, volume, gpu, cpu, memory, packages, requirements_file, root,
                   nnodes="1", rdma=False, rdzv_endpoint=None, add_local=(), secrets=()):
     """Build ``ModalOptions`` from CLI values; option errors become click errors."""

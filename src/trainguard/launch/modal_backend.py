@@ -364,7 +364,7 @@ class ModalPlan:
         """The plan as JSON-ready data (``--dry-run --json``); ``--env`` values masked."""
         out = asdict(self)
         out.pop("closure")
-        out["env"] = {key: "***" for key in self.env}
+        out["env"] = dict.fromkeys(self.env, "***")
         return out
 
 

@@ -67,8 +67,8 @@ from trainguard.launch.torchrun import (
     TorchrunConfig,
     describe_workers,
     node_exit_code,
-    torchrun_env,
     torchrun_command,
+    torchrun_env,
     worker_codes,
 )
 from trainguard.run import EXIT_RESUME

@@ -220,7 +220,7 @@ def recorded_options(call: dict | None) -> ModalOptions | None:
 
 def masked(spec: JobSpec) -> JobSpec:
     """``spec`` with its ``--env`` values replaced by ``***`` (what the job table keeps)."""
-    return dataclasses.replace(spec, env={key: "***" for key in spec.env})
+    return dataclasses.replace(spec, env=dict.fromkeys(spec.env, "***"))
 
 
 def run_url(plan, spec: JobSpec) -> str:

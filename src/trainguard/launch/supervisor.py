@@ -50,9 +50,9 @@ from trainguard.launch.logs import LogClock
 from trainguard.launch.spec import format_duration
 from trainguard.launch.torchrun import (
     ENV_EXITS,
-    torchrun_env,
     describe_workers,
     node_exit_code,
+    torchrun_env,
     worker_codes,
 )
 from trainguard.run import EXIT_RESUME

@@ -265,7 +265,7 @@ class DistributedManager:
         """Rank 0, in DCP's background thread, right after the commit: upload, retention."""
         try:
             self._refresh()
-        except Exception as exc:  # noqa: BLE001 -- retention on a stale view would delete
+        except Exception as exc:  # retention on a stale view would delete
             log.warning("step %d committed, but neither retention nor the upload ran: %s",
                         manifest.step, exc)
             return
@@ -290,7 +290,7 @@ class DistributedManager:
         self._drain()  # no background collective may interleave with the restore's
         try:
             self._refresh()  # files written on other nodes (rank 0's, other ranks' shards)
-        except Exception as exc:  # noqa: BLE001 -- what this node sees may still do
+        except Exception as exc:  # what this node sees may still do
             log.warning("restoring from this node's view of %s: %s", self.store.url, exc)
         if _has_dtensor(state):
             return self._restore_sharded(state, step)

@@ -223,7 +223,7 @@ class MetricsLogger:
                  clock=time.monotonic, wall_clock=time.time) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        self._file = open(self.path, "a", buffering=1, encoding="utf-8")
         self.sinks = list(sinks or [])
         self._clock = clock
         self._wall = wall_clock

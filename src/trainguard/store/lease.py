@@ -250,7 +250,7 @@ class ObjectLease:
                 if current is not None and current[1] == self._etag:
                     try:
                         self._obs.delete(self._store, self._path)
-                    except Exception as exc:  # noqa: BLE001 -- it expires anyway
+                    except Exception as exc:  # it expires anyway
                         log.warning("%s: could not delete the writer lease: %s", self.url, exc)
             self._etag = None
 

@@ -40,8 +40,7 @@ from pathlib import Path
 from trainguard.errors import StoreError, UnsafePath
 from trainguard.store.base import Data, check_key
 from trainguard.store.lock import FileLock
-from trainguard.store.paths import CLOEXEC, NOFOLLOW, link_refused, open_regular, \
-    special_refused
+from trainguard.store.paths import CLOEXEC, NOFOLLOW, link_refused, open_regular, special_refused
 
 TMP_PREFIX = ".tgtmp-"
 _ALIGN = 4096

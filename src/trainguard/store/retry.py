@@ -122,7 +122,7 @@ class Backoff:
         while True:
             try:
                 return operation()
-            except Exception as exc:  # noqa: BLE001 -- sorted by transient() below
+            except Exception as exc:  # sorted by transient() below
                 if not transient(exc):
                     raise
                 wait = self.delay(attempt)

@@ -17,10 +17,10 @@ import json
 import os
 import time
 
+import helpers_modal
 import torch
 from torch import nn
 
-import helpers_modal
 from trainguard import Run
 
 

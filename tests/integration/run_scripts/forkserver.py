@@ -39,9 +39,9 @@ def _child(command: dict) -> None:
         for fd, target in ((null, 0), (out, 1), (err, 2)):
             os.dup2(fd, target)
             os.close(fd)
-        sys.stdin = open(0, closefd=False)  # noqa: SIM115
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
         sys.argv = list(command["argv"])
         if "module" in command:
             runpy.run_module(command["module"], run_name="__main__", alter_sys=True)
@@ -58,7 +58,7 @@ def _child(command: dict) -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # noqa: BLE001 - the child is leaving either way
+            except Exception:  # the child is leaving either way
                 pass
         os._exit(code)
 
