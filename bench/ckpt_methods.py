@@ -221,8 +221,8 @@ class Trainguard(Method):
         wall = time.perf_counter() - start
         detail = {"call_s": call, "stall_seconds": handle.stall_seconds,
                   "seconds_to_durable": handle.seconds_to_durable, "wall_to_wait_s": wall,
-                  "arena_bytes": self.mgr._arena.capacity,
-                  "arena_pinned": self.mgr._arena.pinned}
+                  "arena_bytes": self.mgr.writer.arena.capacity,
+                  "arena_pinned": self.mgr.writer.arena.pinned}
         if self.blocking:
             return Timing(call, call, info.manifest.total_bytes, detail)
         return Timing(max(call, handle.stall_seconds), handle.seconds_to_durable,

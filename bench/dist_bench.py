@@ -27,7 +27,7 @@ def worker(rank: int, world: int, init: str, run_dir: str, mib: int, out: str) -
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from trainguard.checkpoint import CheckpointManager
-    from trainguard.checkpoint.distributed import restore_state_sharded, save_state_sharded
+    from trainguard.checkpoint.dcp import restore_state_sharded, save_state_sharded
     from trainguard.store import LocalStore
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)

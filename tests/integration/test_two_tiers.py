@@ -32,14 +32,14 @@ def _remote(bucket: str) -> ObjectStore:
 def test_upload_faults_are_retried_and_the_bucket_catches_up(tmp_path, s3_env, proxy):
     mgr = CheckpointManager(tmp_path / "run", mirror=_remote(s3_env), keep=keep_last(2),
                             max_shard_bytes=128 << 10)
-    mgr._mirror.initial_delay = 0.05
+    mgr.mirror.initial_delay = 0.05
     proxy.fail_next(12, "503")
     proxy.fail_next(6, "drop")
     for step in range(1, 6):
         handle = mgr.save(step, _state(step))
         handle.wait()  # the local commit never waits for the bucket
     assert mgr.list()[-1].step == 5 and mgr.list()[-1].valid
-    assert mgr._mirror.drain(timeout=60), mgr._mirror.last_error
+    assert mgr.mirror.drain(timeout=60), mgr.mirror.last_error
     assert proxy.faults == 18
     assert mgr.tiers() == {"primary": 5, "mirror": 5}
     remote = CheckpointManager(_remote(s3_env))
@@ -48,16 +48,16 @@ def test_upload_faults_are_retried_and_the_bucket_catches_up(tmp_path, s3_env, p
     assert [c.step for c in remote.list() if c.valid][-1] == 5
     for step in (6, 7):
         mgr.save(step, _state(step), blocking=True)
-        assert mgr._mirror.drain(timeout=60)
+        assert mgr.mirror.drain(timeout=60)
     assert [c.step for c in remote.list()] == [6, 7]  # the same retention, remotely
     mgr.close()
 
 
 def test_a_remote_checkpoint_without_its_manifest_is_invisible(tmp_path, s3_env, proxy):
     mgr = CheckpointManager(tmp_path / "run", mirror=_remote(s3_env))
-    mgr._mirror.initial_delay = 0.05
+    mgr.mirror.initial_delay = 0.05
     mgr.save(1, _state(1), blocking=True)
-    assert mgr._mirror.drain(timeout=30)
+    assert mgr.mirror.drain(timeout=30)
     proxy.block("step-000000002/manifest.json")  # the data lands, the manifest never does
     mgr.save(2, _state(2), blocking=True)
     remote = CheckpointManager(_remote(s3_env))
@@ -69,7 +69,7 @@ def test_a_remote_checkpoint_without_its_manifest_is_invisible(tmp_path, s3_env,
     fresh = {"w": torch.zeros(300, 300), "step": 0}
     assert remote.restore(fresh) == 1 and fresh["step"] == 1
     proxy.unblock()
-    assert mgr._mirror.drain(timeout=60)
+    assert mgr.mirror.drain(timeout=60)
     assert remote.latest_valid().step == 2
     mgr.close()
 

@@ -37,9 +37,9 @@ def test_host_arena_is_reused_across_saves(tmp_path):
     mgr = CheckpointManager(tmp_path)
     state = _big_state()
     mgr.save(1, state).wait()
-    pointer, capacity = mgr._arena._buffer.data_ptr(), mgr._arena.capacity
+    pointer, capacity = mgr.writer.arena._buffer.data_ptr(), mgr.writer.arena.capacity
     mgr.save(2, state).wait()
-    assert (mgr._arena._buffer.data_ptr(), mgr._arena.capacity) == (pointer, capacity)
+    assert (mgr.writer.arena._buffer.data_ptr(), mgr.writer.arena.capacity) == (pointer, capacity)
     assert capacity < 1.01 * sum(t.numel() * 4 for t in state["w"].values()) + 4096
 
 
@@ -204,15 +204,15 @@ def test_prepare_reserves_the_arena_the_first_save_uses(tmp_path):
     model = torch.nn.Linear(256, 256)
     mgr = CheckpointManager(str(tmp_path))
     mgr.prepare({"model": model})
-    mgr._arena._adopt_reserved()  # wait for the background allocation
-    reserved = mgr._arena._buffer
-    assert reserved is not None and mgr._arena.capacity >= 256 * 257 * 4
+    mgr.writer.arena._adopt_reserved()  # wait for the background allocation
+    reserved = mgr.writer.arena._buffer
+    assert reserved is not None and mgr.writer.arena.capacity >= 256 * 257 * 4
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     mgr.save(1, {"model": model}).wait()
-    assert mgr._arena._buffer.data_ptr() == reserved.data_ptr()
+    assert mgr.writer.arena._buffer.data_ptr() == reserved.data_ptr()
     target = torch.nn.Linear(256, 256)
     assert mgr.restore({"model": target}) == 1
     for key, value in target.state_dict().items():
         assert torch.equal(value, expected[key])
     mgr.close()
-    assert mgr._arena._buffer is None  # close gives the host copy back
+    assert mgr.writer.arena._buffer is None  # close gives the host copy back

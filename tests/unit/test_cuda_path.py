@@ -37,7 +37,7 @@ def test_save_sees_kernels_queued_before_it_and_not_mutations_after(tmp_path):
         for p in model.parameters():
             p.mul_(-3.0)  # right after save() returned
     handle.wait()
-    assert mgr._arena.pinned
+    assert mgr.writer.arena.pinned
     target = _model()
     with torch.no_grad():
         for p in target.parameters():
@@ -56,9 +56,9 @@ def test_optimizer_state_on_cuda_round_trips_and_arena_is_reused(tmp_path):
     opt.step()
     mgr = CheckpointManager(str(tmp_path))
     mgr.save(1, {"model": model, "optim": opt}).wait()
-    buffer = mgr._arena._buffer.data_ptr()
+    buffer = mgr.writer.arena._buffer.data_ptr()
     mgr.save(2, {"model": model, "optim": opt}).wait()
-    assert mgr._arena._buffer.data_ptr() == buffer  # allocated once, reused
+    assert mgr.writer.arena._buffer.data_ptr() == buffer  # allocated once, reused
     model2 = _model(layers=4)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
     assert mgr.restore({"model": model2, "optim": opt2}) == 2

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from trainguard.checkpoint import CheckpointManager
-from trainguard.checkpoint.distributed import (
+from trainguard.checkpoint.dcp import (
     DCP_METADATA,
     TrainguardWriter,
     is_sharded,
     save_state_sharded,
 )
-from trainguard.checkpoint.sharded_saving import HostStager, start_save_state_sharded
+from trainguard.checkpoint.dcp_background import HostStager, start_save_state_sharded
 from trainguard.errors import CheckpointError
 from trainguard.launch.spec import JobSpec
 from trainguard.launch.torchrun import TorchrunConfig
@@ -155,7 +155,7 @@ def test_background_sharded_save_writes_the_values_of_the_call(tmp_path, gate):
 @pytest.mark.parametrize("fail", [False, True])
 def test_torch_without_async_stager_saves_synchronously(tmp_path, monkeypatch, fail):
     """Older torch (async_save without async_stager=): the same interface, blocking."""
-    import trainguard.checkpoint.sharded_saving as sharded
+    import trainguard.checkpoint.dcp_background as sharded
 
     monkeypatch.setattr(sharded, "_ASYNC_STAGER", False)
     if fail:

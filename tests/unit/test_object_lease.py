@@ -132,8 +132,8 @@ def test_a_writer_that_lost_its_lease_deletes_nothing(s3_env, short_ttl):
     url = f"s3://{s3_env}/run"
     old = CheckpointManager(url)
     old.save(1, {"w": torch.ones(3)}, blocking=True)
-    old._lock._stop.set()  # cut off from the store: no renewals
-    old._lock._renewer.join()
+    old.guard.lock._stop.set()  # cut off from the store: no renewals
+    old.guard.lock._renewer.join()
     new = CheckpointManager(url)
     new.save(2, {"w": torch.zeros(3)}, blocking=True)  # takes over after the ttl
     with pytest.raises(LockHeld, match="lost its writer lease"):

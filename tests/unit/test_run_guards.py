@@ -283,7 +283,7 @@ def test_batches_split_along_the_first_dimension():
 
 
 def test_only_parameters_are_checked_for_nan_not_masks():
-    from trainguard.run.commits import parameters_finite
+    from trainguard.run.committer import parameters_finite
 
     model = nn.Linear(2, 2)
     model.register_buffer("mask", torch.full((2, 2), float("-inf")))  # an attention mask

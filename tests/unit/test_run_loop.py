@@ -333,7 +333,7 @@ def test_snapshot_memory_is_reserved_after_step_one_for_the_whole_state(tmp_path
         for step in run.steps(3):
             run.log(loss=train(model, opt, step))
             if step == 2:  # reserved after step 1, with the moments
-                arena = run.manager._arena
+                arena = run.manager.writer.arena
                 arena._adopt_reserved()
                 reserved = arena._buffer.data_ptr()
                 assert arena.capacity >= 3 * sum(p.nbytes for p in model.parameters())

@@ -6,15 +6,15 @@ from trainguard._lazy import lazy_exports
 
 # Loaded on first use (PEP 562): retention policies need no torch, the manager does.
 __getattr__, __dir__ = lazy_exports(__name__, globals(), {
-    "trainguard.checkpoint.manager": ("CheckpointInfo", "CheckpointManager"),
-    "trainguard.checkpoint.saving": ("SaveHandle",),
+    "trainguard.checkpoint.manager": ("CheckpointInfo", "CheckpointManager", "ManagerInterface"),
+    "trainguard.checkpoint.writer": ("SaveHandle",),
     "trainguard.checkpoint.retention": ("RetentionPolicy", "keep_any", "keep_best",
                                         "keep_every", "keep_last", "keep_newer_than"),
     "trainguard.checkpoint.rng": ("RNGState",),
 })
 
 if TYPE_CHECKING:
-    from trainguard.checkpoint.manager import CheckpointInfo, CheckpointManager
+    from trainguard.checkpoint.manager import CheckpointInfo, CheckpointManager, ManagerInterface
     from trainguard.checkpoint.retention import (
         RetentionPolicy,
         keep_any,
@@ -24,11 +24,12 @@ if TYPE_CHECKING:
         keep_newer_than,
     )
     from trainguard.checkpoint.rng import RNGState
-    from trainguard.checkpoint.saving import SaveHandle
+    from trainguard.checkpoint.writer import SaveHandle
 
 __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
+    "ManagerInterface",
     "RNGState",
     "RetentionPolicy",
     "SaveHandle",

@@ -40,6 +40,7 @@ from trainguard.checkpoint.schema import (
     load_json,
 )
 from trainguard.errors import CheckpointCorrupt, UnsafePath
+from trainguard.store.base import Store
 
 FORMAT_NAME = "trainguard.checkpoint"
 FORMAT_VERSION = 2  # 2: file names carry the writer token (1: fixed names, still read)
@@ -284,6 +285,73 @@ class Manifest:
                        for i, ref in enumerate(doc.list("refs", []))),
             writer=doc.str("writer", _WRITER) if version >= 2 else "",
         )
+
+
+#: A manifest listing this file marks a sharded checkpoint (torch.distributed.checkpoint).
+DCP_METADATA = "dcp-metadata.json"
+
+
+def is_sharded(manifest: Manifest) -> bool:
+    """Whether ``manifest`` describes a checkpoint written through DCP (``dcp.py``)."""
+    return manifest.name_of(DCP_METADATA) in manifest.files
+
+
+def manifest_metrics(metrics: dict | None) -> dict[str, float]:
+    """``metrics`` as a manifest records them: names to floats (one-element tensors too).
+
+    Raises:
+        TypeError: a value is not a number.
+    """
+    out = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}")
+        out[str(name)] = float(value)
+    return out
+
+
+def manifest_tags(tags: dict | None) -> dict[str, str]:
+    """``tags`` as a manifest records them: strings to strings."""
+    return {str(k): str(v) for k, v in (tags or {}).items()}
+
+
+def writer_versions() -> dict[str, str]:
+    """The versions a manifest records: what wrote the checkpoint."""
+    import platform
+
+    import safetensors
+
+    from trainguard._version import __version__
+
+    return {"trainguard": __version__, "torch": torch.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def check_file(where: str, data: memoryview | bytes, entry: FileEntry) -> None:
+    """Raise :class:`CheckpointCorrupt` unless ``data`` has ``entry``'s size and checksum."""
+    if len(data) != entry.size:
+        raise CheckpointCorrupt(f"{where}: size {len(data)} bytes, manifest says {entry.size}")
+    if checksum(data) != entry.checksum:
+        raise CheckpointCorrupt(f"{where}: checksum mismatch (content changed after the "
+                                f"commit: disk or copy corruption)")
+
+
+def read_checked(store: Store, key: str, entry: FileEntry | None) -> memoryview:
+    """Read ``key`` whole and check it against its manifest entry.
+
+    Raises:
+        CheckpointCorrupt: not in the manifest, missing, or size/checksum mismatch.
+    """
+    if entry is None:
+        raise CheckpointCorrupt(f"{key}: not listed in the manifest")
+    try:
+        data = store.read(key)
+    except FileNotFoundError:
+        raise CheckpointCorrupt(f"{key}: missing") from None
+    check_file(key, data, entry)
+    return data
 
 
 def _parse_files(files: Fields) -> dict[str, FileEntry]:

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from trainguard.checkpoint import commit
 from trainguard.checkpoint.format import (
     MANIFEST,
     RETIRED,
@@ -178,8 +179,9 @@ def copy_checkpoint(source: Store, dest: Store, step: int,
         ref_dir = step_dir(ref_step)
         if not dest.exists(f"{ref_dir}/{MANIFEST}") and not dest.exists(f"{ref_dir}/{RETIRED}"):
             # Only shared files live there: mark it, or readers would call it interrupted.
-            dest.write(f"{ref_dir}/{RETIRED}", b'{"kept_for": "referenced files"}')
-    # The manifest goes last: only now does the copy exist for readers.
-    dest.write(f"{key}/{MANIFEST}", bytes(raw))
-    dest.commit()
+            commit.retire(dest, ref_step, "referenced files")
+    # The manifest goes last: only now does the copy exist for readers. It replaces a
+    # copy of the same checkpoint an earlier process uploaded (whose files stay: their
+    # names are that save's own).
+    commit.publish(dest, raw, step, replace=True)
     return manifest

@@ -101,7 +101,8 @@ class keep_best(RetentionPolicy):
         scored = []
         for c in checkpoints:
             value = c.metrics.get(self.metric)
-            if c.reason == "error" or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (c.reason == "error" or not isinstance(value, (int, float))
+                    or not math.isfinite(value)):
                 continue
             scored.append((value if self.mode == "min" else -value, -c.step, c.step))
         return {step for _score, _neg, step in sorted(scored)[: self.k]}

@@ -268,7 +268,7 @@ class ChangeTracker:
         names = list(tensors)
         prints = fingerprints([tensors[n] for n in names])
         changed, unchanged, observed = {}, {}, {}
-        for name, fingerprint in zip(names, prints):
+        for name, fingerprint in zip(names, prints, strict=True):
             tensor = tensors[name]
             identity = _identity(tensor)
             storage = tensor.untyped_storage()

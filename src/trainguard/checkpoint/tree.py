@@ -309,7 +309,7 @@ def _adopt(module: torch.nn.Module, state: dict) -> bool:
         if tensor.numel():
             spans.append((tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes))
     spans.sort()
-    if any(end > start for (_, end), (start, _) in zip(spans, spans[1:])):
+    if any(end > start for (_, end), (start, _) in zip(spans, spans[1:], strict=False)):
         return False  # two entries overlap in memory (tied weights, views)
     with torch.no_grad():
         for name, tensor in live.items():

@@ -15,6 +15,7 @@ import click
 from trainguard._version import __version__
 from trainguard.cli.checkpoints import gc_command, ls_command, verify_command
 from trainguard.cli.data import data_group
+from trainguard.cli.export import export_command
 from trainguard.cli.jobs import (
     logs_command,
     ps_command,
@@ -62,9 +63,9 @@ cli.add_command(verify_command)
 cli.add_command(gc_command)
 cli.add_command(data_group)
 for _command in (run_command, ps_command, status_command, logs_command, stop_command,
-                 rm_command, resume_command, sync_command, preflight_command):
+                 rm_command, resume_command, sync_command, preflight_command,
+                 export_command):
     cli.add_command(_command)
-from trainguard.cli import export  # noqa: E402,F401  registers `trainguard export`
 
 
 def main() -> None:

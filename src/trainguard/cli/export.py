@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 import click
 
 from trainguard._units import human_bytes
-from trainguard.cli import cli
 from trainguard.cli.checkpoints import open_run
 from trainguard.errors import CheckpointNotFound
 
@@ -99,7 +98,7 @@ def _write(path: str, tensors: dict, fmt: str, metadata: dict[str, str]) -> None
         raise
 
 
-@cli.command("export")
+@click.command("export")
 @click.argument("run_dir")
 @click.argument("out")
 @click.option("--best", "best", metavar="METRIC", default=None,

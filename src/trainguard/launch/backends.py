@@ -22,7 +22,15 @@ from typing import Protocol, runtime_checkable
 
 from trainguard.errors import TrainguardError
 from trainguard.launch import logs as joblogs
-from trainguard.launch.jobs import FINAL, JobBusy, JobTable, holds_run_dir, live_status
+from trainguard.launch.jobs import (
+    FINAL,
+    JobBusy,
+    JobTable,
+    ended,
+    holds_run_dir,
+    live_status,
+    require_ended,
+)
 from trainguard.launch.spec import JobSpec
 from trainguard.store.lock import pid_alive
 
@@ -82,11 +90,6 @@ def backend_for(table: JobTable, job: dict | str) -> Backend:
         return ModalBackend(table)
     raise TrainguardError(f"job backend {name!r} is unknown to this trainguard (a job table "
                           f"written by a newer version?); upgrade trainguard")
-
-
-def ended(job: dict) -> bool:
-    """Whether nothing runs the job any more: final, or lost with no process left."""
-    return not holds_run_dir(job)
 
 
 class LocalBackend:
@@ -190,7 +193,7 @@ class LocalBackend:
                on_tick: Callable[[dict], None] | None = None) -> str | None:
         from trainguard.launch.local import supervise
 
-        _require_ended(job, "resume")
+        require_ended(job, "resume")
         if not os.path.isdir(job["spec"].cwd):
             raise TrainguardError(f"job {job['id']}'s working directory {job['spec'].cwd} no "
                                   f"longer exists; put it back, or start a new job with "
@@ -205,13 +208,7 @@ class LocalBackend:
         return supervise(self.table, job["id"], detach=detach, on_tick=on_tick)
 
     def forget(self, job: dict) -> None:
-        _require_ended(job, "rm")
-
-
-def _require_ended(job: dict, verb: str) -> None:
-    if not ended(job):
-        raise JobBusy(f"job {job['id']} is {job['status']}; `trainguard stop {job['id']}` "
-                      f"first, then `trainguard {verb} {job['id']}`")
+        require_ended(job, "rm")
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -128,6 +128,22 @@ def holds_run_dir(job: dict) -> bool:
                                                    job.get("child_pid")))
 
 
+def ended(job: dict) -> bool:
+    """Whether nothing runs the job any more: final, or lost with no process left."""
+    return not holds_run_dir(job)
+
+
+def require_ended(job: dict, verb: str) -> None:
+    """Refuse ``trainguard VERB`` on a job that still runs.
+
+    Raises:
+        JobBusy: something still runs the job; the message says to stop it first.
+    """
+    if not ended(job):
+        raise JobBusy(f"job {job['id']} is {job['status']}; `trainguard stop {job['id']}` "
+                      f"first, then `trainguard {verb} {job['id']}`")
+
+
 def trainguard_home() -> Path:
     """``$TRAINGUARD_HOME`` or ``~/.trainguard``."""
     return Path(os.environ.get("TRAINGUARD_HOME") or Path.home() / ".trainguard")

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from trainguard.errors import TrainguardError
-from trainguard.launch.jobs import FINAL, JobTable, holds_run_dir
+from trainguard.launch.jobs import FINAL, JobTable, holds_run_dir, require_ended
 from trainguard.launch.modal_backend import ModalOptions, build_app, build_plan
 from trainguard.launch.spec import JobSpec
 
@@ -438,9 +438,7 @@ class ModalBackend:
         return f"job {job['id']} {status}: {self.table.get(job['id'])['message']}"
 
     def resume(self, job: dict, *, detach: bool, on_tick=None) -> str | None:
-        from trainguard.launch.backends import _require_ended
-
-        _require_ended(job, "resume")
+        require_ended(job, "resume")
         call = modal_call(self.table, job["id"])
         options = recorded_options(call)
         if options is None:
@@ -477,9 +475,7 @@ class ModalBackend:
         return status
 
     def forget(self, job: dict) -> None:
-        from trainguard.launch.backends import _require_ended
-
-        _require_ended(job, "rm")
+        require_ended(job, "rm")
         call = modal_call(self.table, job["id"])
         if call is not None:
             with talking_to_modal(f"stop the Modal app of job {job['id']}"):

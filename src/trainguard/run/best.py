@@ -9,7 +9,7 @@
     run.restore_best("val_loss", "min")           # load the best epoch's weights
 
 Both read the metrics recorded in the manifests (what ``keep_best`` reads), through
-:func:`trainguard.checkpoint.manager.best_of`: never an error checkpoint, never a NaN.
+:func:`trainguard.checkpoint.catalog.best_of`: never an error checkpoint, never a NaN.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import logging
 import torch
 
 from trainguard.checkpoint import CheckpointInfo
-from trainguard.checkpoint.manager import best_of
-from trainguard.run.commits import parameters_finite
+from trainguard.checkpoint.catalog import best_of
+from trainguard.run.committer import parameters_finite
 from trainguard.run.state import RUN_KEY
 
 log = logging.getLogger("trainguard.run")

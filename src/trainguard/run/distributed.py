@@ -10,7 +10,7 @@ state, the same on every rank:
   checkpoint that verifies and broadcasts its step; every other rank then restores that
   very step, so no rank reads a step that is not committed or a different one.
 * **sharded** (any DTensor, e.g. FSDP2): every save is a collective through
-  ``torch.distributed.checkpoint`` (:mod:`trainguard.checkpoint.distributed`); ``save``
+  ``torch.distributed.checkpoint`` (:mod:`trainguard.checkpoint.dcp`); ``save``
   returns once this rank's shards are copied to host memory, then each rank writes its
   shards in the background and rank 0 commits after all succeeded (and hands the commit
   to the mirror, with two tiers). Restore reshards to the live placements, whatever the
@@ -39,9 +39,11 @@ from typing import Any
 import torch
 
 from trainguard.checkpoint import CheckpointInfo, CheckpointManager, SaveHandle
-from trainguard.checkpoint.saving import FailedSaves
+from trainguard.checkpoint.format import is_sharded
 from trainguard.checkpoint.tree import flatten
+from trainguard.checkpoint.writer import FailedSaves
 from trainguard.errors import CheckpointCorrupt, CheckpointNotFound, StateMismatch
+from trainguard.store.base import Refreshable
 
 log = logging.getLogger("trainguard.run")
 
@@ -116,6 +118,9 @@ class ModelOptimizerState:
 class DistributedManager:
     """The checkpoint manager of one rank of a multi-process run (see module docs).
 
+    It implements :class:`~trainguard.checkpoint.ManagerInterface`, as the one-process
+    :class:`CheckpointManager` does, so the Run drives both the same way.
+
     Args:
         manager: this rank's :class:`CheckpointManager` on the shared run store (only
             rank 0's takes the writer lock and applies retention).
@@ -128,7 +133,7 @@ class DistributedManager:
         import torch.distributed as dist
 
         # DCP (seconds of imports) loads in multi-process runs only, never in one process
-        from trainguard.checkpoint.sharded_saving import HostStager
+        from trainguard.checkpoint.dcp_background import HostStager
 
         self.inner = manager
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -153,6 +158,13 @@ class DistributedManager:
         if self.coordinator:
             self.inner.acquire_writer()
 
+    def prepare(self, state: dict) -> None:
+        """Nothing to reserve ahead: DCP's stager allocates on the first save.
+
+        (Replicated saves go through rank 0's manager, whose first save allocates too:
+        a reservation here would hold host memory that a sharded state never uses.)
+        """
+
     def _drain(self) -> None:
         """Wait for the in-flight sharded save; keep its error for the next raising call.
 
@@ -162,7 +174,7 @@ class DistributedManager:
         self._saves.drain()
 
     def _raise_pending(self) -> None:
-        from trainguard.checkpoint.sharded_saving import describe_failure
+        from trainguard.checkpoint.dcp_background import describe_failure
 
         self._saves.raise_pending(
             lambda save: f"sharded save of step {save.step} failed in the background: "
@@ -196,10 +208,10 @@ class DistributedManager:
         self._drain()
         return self.inner.list()
 
-    def latest_valid(self) -> CheckpointInfo | None:
+    def latest_valid(self, resumable: bool = False) -> CheckpointInfo | None:
         """The newest valid checkpoint (this rank's view of the shared store)."""
         self._drain()
-        return self.inner.latest_valid()
+        return self.inner.latest_valid(resumable)
 
     def verify(self, step: int) -> CheckpointInfo:
         """Check every byte of the checkpoint at ``step``."""
@@ -222,7 +234,7 @@ class DistributedManager:
             CheckpointError: the previous background sharded save failed (raised once,
                 on every rank), or (``blocking``) this one did.
         """
-        from trainguard.checkpoint.sharded_saving import start_save_state_sharded
+        from trainguard.checkpoint.dcp_background import start_save_state_sharded
 
         if reason == "error":
             # Under torchrun an error is most often a peer that died mid-step: this rank's
@@ -257,26 +269,19 @@ class DistributedManager:
         """See the files other nodes committed (a Modal volume: ``reload()``); each node
         of a cluster otherwise sees only its own, and every other rank's shard looks
         missing."""
-        refresh = getattr(self.store, "refresh", None)
-        if refresh is not None:
-            refresh()
+        if isinstance(self.store, Refreshable):
+            self.store.refresh()
 
     def _after_commit(self, manifest: Any) -> None:
-        """Rank 0, in DCP's background thread, right after the commit: upload, retention."""
+        """Rank 0, in DCP's background thread, right after the commit: what follows every
+        commit (the upload, retention), on a refreshed view of the store."""
         try:
             self._refresh()
         except Exception as exc:  # retention on a stale view would delete
             log.warning("step %d committed, but neither retention nor the upload ran: %s",
                         manifest.step, exc)
             return
-        mirror = self.inner._mirror  # two tiers: the upload starts from the committed step
-        if mirror is not None:
-            mirror.enqueue(manifest.step)
-        if self.inner.keep is not None:
-            try:
-                self.inner.gc(self.inner.keep)
-            except Exception as exc:  # a failing delete must not fail a committed save
-                log.warning("retention after step %d failed: %r", manifest.step, exc)
+        self.inner.committed(manifest)
 
     # -- restoring -------------------------------------------------------------------------
 
@@ -310,14 +315,14 @@ class DistributedManager:
     def _restore_sharded(self, state: dict, step: int | None) -> int:
         from torch.distributed.checkpoint.api import CheckpointException
 
-        from trainguard.checkpoint.distributed import is_sharded, restore_state_sharded
-        from trainguard.checkpoint.sharded_saving import describe_failure
+        from trainguard.checkpoint.dcp import restore_state_sharded
+        from trainguard.checkpoint.dcp_background import describe_failure
 
         # Rank 0 picks the candidates, (step, tier) newest first, so every rank reads the
         # same checkpoint from the same tier (the mirror's when the primary lost it).
         candidates = None
         if self.coordinator:
-            candidates = [(i.step, i.tier) for i in self.inner._candidates()
+            candidates = [(i.step, i.tier) for i in self.inner.candidates()
                           if i.valid and step in (None, i.step)]
             if step is not None and not candidates:
                 candidates = [(step, "primary")]  # not found below, on every rank alike

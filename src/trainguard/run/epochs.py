@@ -39,7 +39,7 @@ import torch
 
 from trainguard.checkpoint import RNGState
 from trainguard.checkpoint.tree import is_stateful
-from trainguard.run.commits import parameters_finite
+from trainguard.run.committer import parameters_finite
 from trainguard.run.config import EXIT_RESUME
 from trainguard.run.guards import NonFiniteLoss, batch_length
 from trainguard.run.loaders import is_plain_loader

@@ -42,7 +42,7 @@ from trainguard.checkpoint import CheckpointInfo, CheckpointManager
 from trainguard.checkpoint.tree import is_stateful
 from trainguard.errors import CheckpointNotFound
 from trainguard.run.best import BestCheckpoint
-from trainguard.run.commits import parameters_finite
+from trainguard.run.committer import parameters_finite
 from trainguard.run.config import EXIT_RESUME, RunConfig
 from trainguard.run.data import BatchFeed
 from trainguard.run.epochs import EpochLoop, EpochPosition
@@ -417,9 +417,8 @@ class Run(EpochLoop, BestCheckpoint):
             # After a first step the optimizer's moments exist: reserve the snapshot memory
             # for the whole state now, in the background, not inside the first save.
             self._prepared = True
-            prepare = getattr(s.manager, "prepare", None)  # one process only
-            if prepare is not None and reason is None:
-                prepare(self.state)
+            if reason is None:
+                s.manager.prepare(self.state)
         s.heartbeat.ensure_running()
         if step % self.config.log_every_steps == 0 or step == self.total or self._phase_ran:
             s.metrics.line(step, self._counters.samples)

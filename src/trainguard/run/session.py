@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainguard.checkpoint import CheckpointManager
-from trainguard.run.commits import Committer
+from trainguard.run.committer import Committer
 from trainguard.run.config import RunConfig
 from trainguard.run.distributed import open_manager, rank_log_dir
 from trainguard.run.heartbeat import HEARTBEAT_FILE, Heartbeat

@@ -26,7 +26,7 @@ Invariants:
 * Readers check each chunk's checksum before handing its bytes to DCP, and the metadata
   file's checksum (from the manifest) before parsing it.
 
-Background (asynchronous) sharded saves are in :mod:`trainguard.checkpoint.sharded_saving`.
+Background (asynchronous) sharded saves are in :mod:`trainguard.checkpoint.dcp_background`.
 """
 
 from __future__ import annotations
@@ -61,22 +61,28 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
+from trainguard.checkpoint import commit
 from trainguard.checkpoint.format import (
     _CODES,
-    MANIFEST,
+    DCP_METADATA,
     STATE_FILE,
     FileEntry,
     HashedChunks,
     Manifest,
+    check_file,
     check_file_name,
     checksum,
     dtype_code,
+    is_sharded,
+    manifest_metrics,
+    manifest_tags,
     member_name,
     new_writer,
+    read_checked,
     step_dir,
     tensor_bytes,
+    writer_versions,
 )
-from trainguard.checkpoint.saving import publish_manifest
 from trainguard.checkpoint.schema import MAX_MANIFEST_BYTES, load_json
 from trainguard.checkpoint.tree import check_tree, flatten, parse_state_file, restore_into
 from trainguard.errors import CheckpointCorrupt, CheckpointExists, StateMismatch
@@ -84,14 +90,11 @@ from trainguard.store import Store
 
 log = logging.getLogger("trainguard.checkpoint")
 
-#: A manifest listing this file marks a sharded (DCP) checkpoint.
-DCP_METADATA = "dcp-metadata.json"
+__all__ = ["DCP_METADATA", "TrainguardReader", "TrainguardWriter", "is_sharded",
+           "load_sharded", "read_tree", "restore_state_sharded", "save_sharded",
+           "save_state_sharded"]
+
 DCP_SUFFIX = ".distcp"
-
-
-def is_sharded(manifest: Manifest) -> bool:
-    """Whether ``manifest`` describes a checkpoint written through DCP."""
-    return manifest.name_of(DCP_METADATA) in manifest.files
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ class TrainguardWriter(StorageWriter):
         """Coordinator, before any rank writes: refuse a committed step and give each rank
         its own file name. Leftovers of an interrupted save stay until retention: this
         save's names are its own, and a delete here could hit a live writer's files."""
-        if self.store.exists(f"{self.key}/{MANIFEST}"):
+        if commit.is_committed(self.store, self.step):
             raise CheckpointExists(f"step {self.step} is already committed at "
                                    f"{self.store.url}/{self.key}; save under a new step")
         return [dataclasses.replace(plan, storage_data=self._rank_file(i))
@@ -199,9 +202,7 @@ class TrainguardWriter(StorageWriter):
             files[member_name(base, self.writer)] = self._write(member_name(base, self.writer),
                                                                 data)
         manifest = self._make_manifest(files, self.writer)
-        # The manifest is created last and committed at once: its presence is the commit.
-        publish_manifest(self.store, self.key, manifest)
-        self.store.commit()
+        commit.publish(self.store, manifest)  # created last: its presence is the commit
         self.manifest = manifest
         if self._on_commit is not None:
             self._on_commit(manifest)
@@ -267,7 +268,8 @@ class TrainguardReader(StorageReader):
             if req.storage_index not in cache:
                 cache[req.storage_index] = self._load_chunk(chunk)
             source = cache[req.storage_index]
-            for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths)):
+            pieces = zip(req.storage_offsets, req.lengths, strict=True)
+            for dim, (start, length) in enumerate(pieces):
                 source = source.narrow(dim, start, length)
             target = planner.resolve_tensor(req).detach()
             if target.size() != source.size():
@@ -284,7 +286,7 @@ class TrainguardReader(StorageReader):
         if chunk.file not in self.manifest.files:
             raise CheckpointCorrupt(f"{where}: not listed in the manifest")
         data = self.store.read(where, chunk.offset, chunk.length)
-        _check(where, data, FileEntry(chunk.length, chunk.checksum))
+        check_file(where, data, FileEntry(chunk.length, chunk.checksum))
         dtype = _CODES[chunk.dtype]
         numel = 1
         for dim in chunk.shape:
@@ -301,30 +303,6 @@ class TrainguardReader(StorageReader):
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         """Never picked by DCP's automatic storage selection."""
         return False
-
-
-def read_checked(store: Store, key: str, entry: FileEntry | None) -> memoryview:
-    """Read ``key`` whole and check it against its manifest entry.
-
-    Raises:
-        CheckpointCorrupt: not in the manifest, missing, or size/checksum mismatch.
-    """
-    if entry is None:
-        raise CheckpointCorrupt(f"{key}: not listed in the manifest")
-    try:
-        data = store.read(key)
-    except FileNotFoundError:
-        raise CheckpointCorrupt(f"{key}: missing") from None
-    _check(key, data, entry)
-    return data
-
-
-def _check(where: str, data: memoryview | bytes, entry: FileEntry) -> None:
-    if len(data) != entry.size:
-        raise CheckpointCorrupt(f"{where}: size {len(data)} bytes, manifest says {entry.size}")
-    if checksum(data) != entry.checksum:
-        raise CheckpointCorrupt(f"{where}: checksum mismatch (content changed after the "
-                                f"commit: disk or copy corruption)")
 
 
 # -- save and load ----------------------------------------------------------------------------
@@ -414,7 +392,7 @@ def save_state_sharded(store: Store, step: int, state: dict, *, metrics: dict | 
 
     Tensors go through DCP (each rank writes its shards); the JSON tree of everything
     else goes to ``state.json`` (the coordinator's). A collective over ``process_group``;
-    blocks until the commit (``sharded_saving.start_save_state_sharded`` returns once staged).
+    blocks until the commit (``dcp_background.start_save_state_sharded`` returns once staged).
 
     Returns:
         The committed manifest on the coordinator, None on the other ranks.
@@ -432,13 +410,10 @@ def prepare_save(step: int, state: dict, metrics: dict | None, tags: dict[str, s
     Raises:
         TypeError: the state holds a value that cannot be saved without pickle.
     """
-    from trainguard.checkpoint.manager import _clean_metrics, _versions
-
     tree, tensors = flatten(state)
-    metrics = _clean_metrics(metrics)
-    tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    metrics, tags = manifest_metrics(metrics), manifest_tags(tags)
     state_json = json.dumps({"tree": tree}, separators=(",", ":")).encode()
-    versions = _versions()
+    versions = writer_versions()
 
     def make_manifest(files: dict[str, FileEntry], writer: str) -> Manifest:
         return Manifest(step=step, created_at=time.time(), files=files, metrics=metrics,

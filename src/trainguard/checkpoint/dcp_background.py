@@ -2,7 +2,7 @@
 in DCP's.
 
 :func:`start_save_state_sharded` goes through DCP's ``async_save`` with trainguard's
-:class:`~trainguard.checkpoint.distributed.TrainguardWriter`: the call returns once this
+:class:`~trainguard.checkpoint.dcp.TrainguardWriter`: the call returns once this
 rank's tensors are copied into host memory (a :class:`HostStager`: the single-process
 manager's ``HostArena``, reused from save to save); DCP's plan exchange, every rank's
 write and the coordinator's commit (manifest last, only after every rank succeeded) run in
@@ -37,10 +37,11 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
-from trainguard.checkpoint.distributed import TrainguardWriter, prepare_save
+from trainguard.checkpoint.catalog import CheckpointInfo
+from trainguard.checkpoint.dcp import TrainguardWriter, prepare_save
 from trainguard.checkpoint.format import Manifest, step_dir
-from trainguard.checkpoint.saving import SaveHandle
 from trainguard.checkpoint.snapshot import HostArena
+from trainguard.checkpoint.writer import SaveHandle
 from trainguard.errors import CheckpointError
 from trainguard.store import Store
 
@@ -57,7 +58,7 @@ def start_save_state_sharded(store: Store, step: int, state: dict, stager: HostS
                              metrics: dict | None = None, tags: dict[str, str] | None = None,
                              reason: str = "periodic", process_group: Any = None,
                              on_commit: Callable[[Manifest], None] | None = None) -> ShardedSave:
-    """``distributed.save_state_sharded`` in the background: returns once staged.
+    """``dcp.save_state_sharded`` in the background: returns once staged.
 
     From the return on, the caller may change every tensor of ``state``: this rank's
     shards are in ``stager``'s host memory. DCP's plan exchange (collectives on
@@ -181,8 +182,6 @@ class ShardedSave(SaveHandle):
             TimeoutError: not finished within ``timeout`` seconds.
             CheckpointError: a rank failed; nothing is committed (the cause is chained).
         """
-        from trainguard.checkpoint.manager import CheckpointInfo
-
         if not self.join(timeout):
             raise TimeoutError(f"save of step {self.step} still running after {timeout} s")
         if self.error is not None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from trainguard.checkpoint import CheckpointManager, SaveHandle
+from trainguard.checkpoint import ManagerInterface, SaveHandle
 from trainguard.errors import CheckpointError
 from trainguard.run.config import RunConfig
 from trainguard.run.heartbeat import Heartbeat
@@ -43,7 +43,7 @@ class Committer:
         clock: monotonic clock (injectable for tests).
     """
 
-    def __init__(self, manager: CheckpointManager, metrics: MetricsLogger, heartbeat: Heartbeat,
+    def __init__(self, manager: ManagerInterface, metrics: MetricsLogger, heartbeat: Heartbeat,
                  config: RunConfig, clock: Callable[[], float]) -> None:
         self.manager = manager
         self._metrics = metrics
@@ -90,7 +90,7 @@ class Committer:
         """
         finite = {k: v for k, v in (metrics or {}).items() if math.isfinite(v)}
         if self._pending is not None and (wait or self._pending[0].done()
-                                          or getattr(self.manager, "if_busy", "wait") == "wait"):
+                                          or self.manager.if_busy == "wait"):
             self.wait()  # the manager would wait for it anyway: report its commit first
         self._metrics.sync()  # metrics up to a committed step are as durable as the step
         previous = self._heartbeat.set_phase("save")
