@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainguard.checkpoint import CheckpointManager
-from trainguard.checkpoint import distributed as tgd
+from trainguard.checkpoint import dcp as tgd
 from trainguard.errors import CheckpointError
 from trainguard.run.distributed import DistributedManager, ModelOptimizerState
 
