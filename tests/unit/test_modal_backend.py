@@ -53,7 +53,8 @@ def _image_files(function) -> dict[str, str]:
         seen.add(id(obj))
         if isinstance(obj, _Mount):
             for entry in obj.entries:
-                files.update({str(local): str(remote) for local, remote in entry.get_files_to_upload()})
+                files.update({str(local): str(remote)
+                              for local, remote in entry.get_files_to_upload()})
         todo.extend(obj._deps_())
     return files
 
@@ -64,8 +65,9 @@ def _spec(project, **kw) -> JobSpec:
 
 
 def test_image_ships_every_nested_local_package_and_nothing_installed(project):
+    requirements = str(project / "requirements.txt")
     plan = build_plan(_spec(project), ModalOptions(volume="runs", gpu="H100:8",
-                                                   requirements_file=str(project / "requirements.txt")))
+                                                   requirements_file=requirements))
     assert set(plan.local_modules) == {"helpers", "mypkg", "utils_local"}
     expected = {"train.py", "utils_local.py", "helpers/__init__.py", "helpers/tools.py",
                 "mypkg/__init__.py", "mypkg/models/__init__.py", "mypkg/models/net.py",

@@ -134,7 +134,8 @@ class LocalBackend:
             if attempt is None and (current["attempt"] or 1) > n:  # a new attempt began
                 rest, _ = joblogs.read_from(joblogs.attempt_log(job_dir, n), offset)
                 yield rest  # the old attempt's last lines (its commit) first
-                for n in range(n + 1, current["attempt"] + 1):
+                first, last = n + 1, current["attempt"]
+                for n in range(first, last + 1):  # n ends as the newest attempt
                     yield f"--- attempt {n} ---\n"
                     if n < current["attempt"]:
                         yield joblogs.read_from(joblogs.attempt_log(job_dir, n), 0)[0]
