@@ -1,26 +1,56 @@
-"""The exception tree of trainguard.
+"""Every exception trainguard defines, and the exit codes of its command line.
 
 Every error trainguard raises on purpose derives from :class:`TrainguardError`, so
-``except TrainguardError`` catches all of them. The tree is shallow on purpose::
+``except TrainguardError`` catches all of them. The tree is shallow on purpose. The number
+is the class's ``exit_code``: what ``trainguard`` exits with when that error ends a
+command (a script that lets one escape exits 1, as Python does)::
 
-    TrainguardError                    exit code 1
-    ├── StoreError                     a storage backend failed (I/O, permissions)
-    │   └── UnsafePath                 a link or special file where a plain file belongs
-    ├── RunDirError                    a run directory is missing, empty or not a directory
-    ├── CheckpointError                a checkpoint-level problem
-    │   ├── CheckpointCorrupt          checksum / size / format mismatch: never loaded
-    │   ├── CheckpointNotFound         nothing valid to restore (also a FileNotFoundError)
-    │   ├── CheckpointExists           a committed checkpoint already holds that step
-    │   └── StateMismatch              saved state does not fit the object restored into
-    ├── LockHeld                       another live writer owns the run directory
-    └── DataGateFailed                 the dataset is empty, stale or fails a requirement
+    TrainguardError              1  any other error raised on purpose
+    ├── LockHeld                 3  another live writer owns the run directory
+    ├── DataGateFailed           4  the dataset is empty, stale or fails a requirement
+    ├── NonFiniteLoss            5  the loss stayed NaN/inf after the allowed rollbacks
+    ├── PreflightFailed          6  a preflight check failed: the launch would have too
+    ├── DataCheckFailed          4  a data check failed on the first batches of an attempt
+    ├── RunDirError              2  a run directory is missing, empty or not a directory
+    ├── StoreError               1  a storage backend failed (I/O, permissions)
+    │   └── UnsafePath           1  a link or special file where a plain file belongs
+    ├── CheckpointError          1  a checkpoint-level problem (e.g. a save that failed)
+    │   ├── CheckpointCorrupt    1  checksum / size / format mismatch: never loaded
+    │   ├── CheckpointNotFound   1  nothing valid to restore (also a FileNotFoundError)
+    │   ├── CheckpointExists     1  a committed checkpoint already holds that step
+    │   └── StateMismatch        1  saved state does not fit the object restored into
+    ├── JobNotFound              2  no job with that id (or id prefix)
+    ├── JobBusy                  2  the verb needs an ended job and this one still runs
+    ├── RunDirBusy               2  another job still runs on this run directory
+    ├── JobTableError            1  the job table cannot be opened or written
+    ├── BackendUnreachable       1  the service a job runs on cannot be asked right now
+    ├── ModalConfigError         1  a Modal option outside Modal's limits (also a ValueError)
+    ├── ModalLaunchFailed        1  Modal refused or failed the launch
+    ├── AttemptPreempted         1  a Modal attempt committed, stopped early (also a RuntimeError)
+    └── AttemptFailed            1  a Modal attempt's script failed (also a RuntimeError)
 
-Each user-facing error carries ``exit_code`` (the CLI exits with it) and a message that
-names the thing at fault and the fix. Lower-layer errors (``OSError``) are translated at
-the store boundary with ``raise StoreError(...) from exc`` so the cause is kept.
+One class is not an error and stands outside the tree: a ``SystemExit``, so that
+``except Exception`` in user code does not swallow it::
+
+    Preempted                   75  a preemption save committed: run the same command
+
+The codes are as they were when the classes lived in other modules; several are shared,
+and 2 is also click's usage error.
+
+Each user-facing error has a message that names the thing at fault and the fix.
+Lower-layer errors (``OSError``, ``sqlite3.Error``) are translated at the boundary with
+``raise StoreError(...) from exc`` so the cause is kept. This module imports nothing
+(the CLI's fast start imports it); the modules that raise these errors re-export the
+names they raise, e.g. ``trainguard.launch.jobs.JobNotFound``.
 """
 
 from __future__ import annotations
+
+#: Exit code of a process that was preempted (SIGTERM/SIGINT) and committed its state:
+#: "restart me and I will resume". 75 is ``EX_TEMPFAIL`` from BSD ``sysexits.h``
+#: ("temporary failure; the user is invited to retry"), distinct from 0 (done), 1 (an
+#: error, Python's default) and 128+N (killed by signal N).
+EXIT_RESUME = 75
 
 
 class TrainguardError(Exception):
@@ -31,6 +61,42 @@ class TrainguardError(Exception):
     """
 
     exit_code: int = 1
+
+
+class LockHeld(TrainguardError):
+    """Another live process holds the run directory's writer lock."""
+
+    exit_code = 3
+
+
+class DataGateFailed(TrainguardError):
+    """The dataset is missing, stale, or its totals fail a requirement; no step was run."""
+
+    exit_code = 4
+
+
+class NonFiniteLoss(TrainguardError):
+    """The loss stayed NaN/inf after the allowed rollbacks (or nothing to roll back to)."""
+
+    exit_code = 5
+
+
+class PreflightFailed(TrainguardError):
+    """A preflight check failed: the launch would have failed later, on paid time."""
+
+    exit_code = 6
+
+
+class DataCheckFailed(TrainguardError):
+    """A data check failed on the first batches: the data, not the model, is wrong."""
+
+    exit_code = 4
+
+
+class RunDirError(TrainguardError):
+    """A run directory is missing, empty, or is not a directory."""
+
+    exit_code = 2
 
 
 class StoreError(TrainguardError):
@@ -45,14 +111,8 @@ class UnsafePath(StoreError):
     """
 
 
-class RunDirError(TrainguardError):
-    """A run directory is missing, empty, or is not a directory."""
-
-    exit_code = 2
-
-
 class CheckpointError(TrainguardError):
-    """Base class for checkpoint-level problems."""
+    """Base class for checkpoint-level problems; raised itself when a save fails."""
 
 
 class CheckpointCorrupt(CheckpointError):
@@ -71,13 +131,95 @@ class StateMismatch(CheckpointError):
     """A saved value does not fit the live object it is restored into."""
 
 
-class LockHeld(TrainguardError):
-    """Another live process holds the run directory's writer lock."""
+class JobNotFound(TrainguardError):
+    """No job with that id (or id prefix)."""
 
-    exit_code = 3
+    exit_code = 2
 
 
-class DataGateFailed(TrainguardError):
-    """The dataset is missing, stale, or its totals fail a requirement; no step was run."""
+class JobBusy(TrainguardError):
+    """The verb needs an ended job (``rm``, ``resume``) and this one still runs."""
 
-    exit_code = 4
+    exit_code = 2
+
+
+class RunDirBusy(TrainguardError):
+    """Another job still runs on this run directory (one job per run directory)."""
+
+    exit_code = 2
+
+    def __init__(self, job_id: str, run_dir: str) -> None:
+        super().__init__(f"job {job_id} already runs on {run_dir}: one job writes a run "
+                         f"directory at a time. Give this one its own (--run-dir DIR, or "
+                         f"--name for Modal), or end that one first (`trainguard stop "
+                         f"{job_id}`)")
+        self.job_id, self.run_dir = job_id, run_dir
+
+
+class JobTableError(TrainguardError):
+    """The job table cannot be opened or written (corrupt, read-only, not a database)."""
+
+    exit_code = 1
+
+
+class BackendUnreachable(TrainguardError):
+    """The service a job runs on cannot be asked right now (its recorded state stands)."""
+
+    exit_code = 1
+
+
+class ModalConfigError(TrainguardError, ValueError):
+    """A Modal option is outside Modal's limits (the message states the limit).
+
+    Also a ``ValueError``: it is a bad value, and callers that catch ``ValueError`` for
+    option parsing catch it too. The CLI shows it as a usage error (exit code 2) where it
+    checks an option; ``exit_code`` applies where it ends a command otherwise.
+    """
+
+
+class ModalLaunchFailed(TrainguardError):
+    """Modal refused or failed the launch (the message names what Modal said)."""
+
+    exit_code = 1
+
+
+# The two below are raised inside a Modal container, where Modal's ``Retries`` run the
+# input again after any exception; Modal pickles the exception back to the client, so
+# they take one message argument only (``ps`` shows ``AttemptFailed: <message>``).
+
+
+class AttemptPreempted(TrainguardError, RuntimeError):
+    """The attempt saved, committed and stopped early (preemption or timeout): run it again.
+
+    Raised so that Modal does not report the input as done; it is not
+    :class:`Preempted`, which ends a training script's own process.
+    """
+
+
+class AttemptFailed(TrainguardError, RuntimeError):
+    """The training script of a Modal attempt exited with a failure code."""
+
+
+class Preempted(SystemExit):
+    """Raised by ``run.steps()`` once the preemption save is committed.
+
+    It is a ``SystemExit`` (not an ``Exception``), so ``except Exception`` in user code
+    does not swallow it, and an uncaught one ends the process with :data:`EXIT_RESUME`
+    and no traceback.
+
+    Attributes:
+        step: the step whose checkpoint was committed (or the last committed one).
+        signal_name: the signal that asked for the stop, e.g. ``"SIGTERM"``.
+        exit_code: :data:`EXIT_RESUME` (also the ``SystemExit`` code).
+    """
+
+    exit_code = EXIT_RESUME
+
+    def __init__(self, step: int, signal_name: str) -> None:
+        super().__init__(EXIT_RESUME)
+        self.step = step
+        self.signal_name = signal_name
+
+    def __str__(self) -> str:
+        return (f"preempted by {self.signal_name}: step {self.step} is committed; exiting "
+                f"with code {EXIT_RESUME} (EXIT_RESUME): run the same command to resume")

@@ -12,6 +12,7 @@ from modal._utils.async_utils import synchronizer
 from modal.mount import _Mount
 
 from trainguard.cli import cli
+from trainguard.errors import AttemptFailed, AttemptPreempted
 from trainguard.launch import JobSpec, JobTable, RetryPolicy
 from trainguard.launch.modal_backend import (
     ModalConfigError,
@@ -22,7 +23,7 @@ from trainguard.launch.modal_backend import (
     validate_retries,
     validate_timeout,
 )
-from trainguard.launch.modal_entry import JobFailed, Preempted, run_job
+from trainguard.launch.modal_entry import run_job
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "modal_project"
 
@@ -193,9 +194,9 @@ def test_remote_entry_maps_exit_codes_and_always_commits(tmp_path):
                         "from trainguard.store import open_store\n"
                         "print(type(open_store(os.environ['TRAINGUARD_RUN_DIR'])).__name__)\n")
     assert run_job(ok, volume=volume)["exit_code"] == 0 and volume.commits == 1
-    with pytest.raises(Preempted):
+    with pytest.raises(AttemptPreempted):
         run_job(_job(tmp_path, "raise SystemExit(75)\n"), volume=volume)
-    with pytest.raises(JobFailed, match="code 3"):
+    with pytest.raises(AttemptFailed, match="code 3"):
         run_job(_job(tmp_path, "raise SystemExit(3)\n"), volume=volume)
     with pytest.raises(ZeroDivisionError):
         run_job(_job(tmp_path, "1 / 0\n"), volume=volume)
@@ -245,7 +246,7 @@ def test_before_modal_times_out_the_attempt_saves_commits_and_asks_to_be_run_aga
                          "    run.track(model=model)\n"
                          "    for step in run.steps(10**9):\n        time.sleep(0.01)\n")
     job["timeout"] = 4
-    with pytest.raises(Preempted):
+    with pytest.raises(AttemptPreempted):
         run_job(job, volume=FakeVolume())
     (saved,) = CheckpointManager(job["run_dir"]).list()
     assert saved.step > 0

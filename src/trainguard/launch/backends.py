@@ -20,17 +20,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
-from trainguard.errors import TrainguardError
+from trainguard.errors import BackendUnreachable, TrainguardError
 from trainguard.launch import logs as joblogs
 from trainguard.launch.jobs import FINAL, JobBusy, JobTable, holds_run_dir, live_status
 from trainguard.launch.spec import JobSpec
 from trainguard.store.lock import pid_alive
-
-
-class BackendUnreachable(TrainguardError):
-    """The service a job runs on cannot be asked right now (its recorded state stands)."""
-
-    exit_code = 1
 
 
 @runtime_checkable

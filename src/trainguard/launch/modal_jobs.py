@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from trainguard.errors import TrainguardError
+from trainguard.errors import ModalLaunchFailed, TrainguardError
 from trainguard.launch.jobs import FINAL, JobTable, holds_run_dir
 from trainguard.launch.modal_backend import ModalOptions, build_app, build_plan
 from trainguard.launch.spec import JobSpec
@@ -42,12 +42,6 @@ CLIENT_FACTORY = None
 def make_client() -> ModalClient:
     """The :class:`ModalClient` to use (:class:`RealModalClient` unless a test set one)."""
     return CLIENT_FACTORY() if CLIENT_FACTORY is not None else RealModalClient()
-
-
-class ModalLaunchFailed(TrainguardError):
-    """Modal refused or failed the launch (the message names what Modal said)."""
-
-    exit_code = 1
 
 
 class ModalClient(Protocol):
