@@ -10,32 +10,36 @@ command (a script that lets one escape exits 1, as Python does)::
     ├── DataGateFailed           4  the dataset is empty, stale or fails a requirement
     ├── NonFiniteLoss            5  the loss stayed NaN/inf after the allowed rollbacks
     ├── PreflightFailed          6  a preflight check failed: the launch would have too
-    ├── DataCheckFailed          4  a data check failed on the first batches of an attempt
-    ├── RunDirError              2  a run directory is missing, empty or not a directory
-    ├── StoreError               1  a storage backend failed (I/O, permissions)
-    │   └── UnsafePath           1  a link or special file where a plain file belongs
-    ├── CheckpointError          1  a checkpoint-level problem (e.g. a save that failed)
-    │   ├── CheckpointCorrupt    1  checksum / size / format mismatch: never loaded
-    │   ├── CheckpointNotFound   1  nothing valid to restore (also a FileNotFoundError)
-    │   ├── CheckpointExists     1  a committed checkpoint already holds that step
-    │   └── StateMismatch        1  saved state does not fit the object restored into
-    ├── JobNotFound              2  no job with that id (or id prefix)
-    ├── JobBusy                  2  the verb needs an ended job and this one still runs
-    ├── RunDirBusy               2  another job still runs on this run directory
-    ├── JobTableError            1  the job table cannot be opened or written
-    ├── BackendUnreachable       1  the service a job runs on cannot be asked right now
-    ├── ModalConfigError         1  a Modal option outside Modal's limits (also a ValueError)
-    ├── ModalLaunchFailed        1  Modal refused or failed the launch
-    ├── AttemptPreempted         1  a Modal attempt committed, stopped early (also a RuntimeError)
-    └── AttemptFailed            1  a Modal attempt's script failed (also a RuntimeError)
+    ├── DataCheckFailed          7  a data check failed on the first batches of an attempt
+    ├── RunDirError              8  a run directory is missing, empty or not a directory
+    ├── StoreError              10  a storage backend failed (I/O, permissions)
+    │   └── UnsafePath          11  a link or special file where a plain file belongs
+    ├── CheckpointError         20  a checkpoint-level problem (e.g. a save that failed)
+    │   ├── CheckpointCorrupt   21  checksum / size / format mismatch: never loaded
+    │   ├── CheckpointNotFound  22  nothing valid to restore (also a FileNotFoundError)
+    │   ├── CheckpointExists    23  a committed checkpoint already holds that step
+    │   └── StateMismatch       24  saved state does not fit the object restored into
+    ├── JobNotFound             30  no job with that id (or id prefix)
+    ├── JobBusy                 31  the verb needs an ended job and this one still runs
+    ├── RunDirBusy              32  another job still runs on this run directory
+    ├── JobTableError           33  the job table cannot be opened or written
+    ├── BackendUnreachable      34  the service a job runs on cannot be asked right now
+    ├── ModalConfigError        40  a Modal option outside Modal's limits (also a ValueError)
+    ├── ModalLaunchFailed       41  Modal refused or failed the launch
+    ├── AttemptPreempted        42  a Modal attempt committed, stopped early (also a RuntimeError)
+    └── AttemptFailed           43  a Modal attempt's script failed (also a RuntimeError)
 
 One class is not an error and stands outside the tree: a ``SystemExit``, so that
 ``except Exception`` in user code does not swallow it::
 
     Preempted                   75  a preemption save committed: run the same command
 
-The codes are as they were when the classes lived in other modules; several are shared,
-and 2 is also click's usage error.
+Exit codes no error uses: 0 (success), 2 (click's usage error: a bad option or
+argument), 75 (:data:`EXIT_RESUME`, only :class:`Preempted`'s) and 128 + N (a process
+killed by signal N; a foreground ``trainguard run`` stopped by signal N). Codes are
+grouped: 3-8 the common refusals (kept from earlier versions), 10s the store, 20s
+checkpoints, 30s jobs, 40s Modal. ``tests/unit/test_errors.py`` checks this drawing
+against the classes and that no two classes share a code.
 
 Each user-facing error has a message that names the thing at fault and the fix.
 Lower-layer errors (``OSError``, ``sqlite3.Error``) are translated at the boundary with
@@ -90,17 +94,19 @@ class PreflightFailed(TrainguardError):
 class DataCheckFailed(TrainguardError):
     """A data check failed on the first batches: the data, not the model, is wrong."""
 
-    exit_code = 4
+    exit_code = 7
 
 
 class RunDirError(TrainguardError):
     """A run directory is missing, empty, or is not a directory."""
 
-    exit_code = 2
+    exit_code = 8
 
 
 class StoreError(TrainguardError):
     """A storage backend could not read, write, list or delete a key."""
+
+    exit_code = 10
 
 
 class UnsafePath(StoreError):
@@ -110,43 +116,55 @@ class UnsafePath(StoreError):
     or copied in by mistake: it is neither read nor written through.
     """
 
+    exit_code = 11
+
 
 class CheckpointError(TrainguardError):
     """Base class for checkpoint-level problems; raised itself when a save fails."""
+
+    exit_code = 20
 
 
 class CheckpointCorrupt(CheckpointError):
     """A checkpoint failed verification (checksum, size, format); it is never loaded."""
 
+    exit_code = 21
+
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """No valid checkpoint exists where one was asked for."""
+
+    exit_code = 22
 
 
 class CheckpointExists(CheckpointError):
     """A committed checkpoint already exists at the step being saved."""
 
+    exit_code = 23
+
 
 class StateMismatch(CheckpointError):
     """A saved value does not fit the live object it is restored into."""
+
+    exit_code = 24
 
 
 class JobNotFound(TrainguardError):
     """No job with that id (or id prefix)."""
 
-    exit_code = 2
+    exit_code = 30
 
 
 class JobBusy(TrainguardError):
     """The verb needs an ended job (``rm``, ``resume``) and this one still runs."""
 
-    exit_code = 2
+    exit_code = 31
 
 
 class RunDirBusy(TrainguardError):
     """Another job still runs on this run directory (one job per run directory)."""
 
-    exit_code = 2
+    exit_code = 32
 
     def __init__(self, job_id: str, run_dir: str) -> None:
         super().__init__(f"job {job_id} already runs on {run_dir}: one job writes a run "
@@ -159,13 +177,13 @@ class RunDirBusy(TrainguardError):
 class JobTableError(TrainguardError):
     """The job table cannot be opened or written (corrupt, read-only, not a database)."""
 
-    exit_code = 1
+    exit_code = 33
 
 
 class BackendUnreachable(TrainguardError):
     """The service a job runs on cannot be asked right now (its recorded state stands)."""
 
-    exit_code = 1
+    exit_code = 34
 
 
 class ModalConfigError(TrainguardError, ValueError):
@@ -176,11 +194,13 @@ class ModalConfigError(TrainguardError, ValueError):
     checks an option; ``exit_code`` applies where it ends a command otherwise.
     """
 
+    exit_code = 40
+
 
 class ModalLaunchFailed(TrainguardError):
     """Modal refused or failed the launch (the message names what Modal said)."""
 
-    exit_code = 1
+    exit_code = 41
 
 
 # The two below are raised inside a Modal container, where Modal's ``Retries`` run the
@@ -195,9 +215,13 @@ class AttemptPreempted(TrainguardError, RuntimeError):
     :class:`Preempted`, which ends a training script's own process.
     """
 
+    exit_code = 42
+
 
 class AttemptFailed(TrainguardError, RuntimeError):
     """The training script of a Modal attempt exited with a failure code."""
+
+    exit_code = 43
 
 
 class Preempted(SystemExit):

@@ -12,7 +12,14 @@ from modal._utils.async_utils import synchronizer
 from modal.mount import _Mount
 
 from trainguard.cli import cli
-from trainguard.errors import AttemptFailed, AttemptPreempted
+from trainguard.errors import (
+    AttemptFailed,
+    AttemptPreempted,
+    JobBusy,
+    ModalLaunchFailed,
+    PreflightFailed,
+    RunDirBusy,
+)
 from trainguard.launch import JobSpec, JobTable, RetryPolicy
 from trainguard.launch.modal_backend import (
     ModalConfigError,
@@ -136,7 +143,7 @@ def test_a_refused_launch_is_one_line_and_the_job_is_recorded_failed(project, tm
     monkeypatch.chdir(project)
     out = CliRunner().invoke(cli, ["run", "train.py", "--backend", "modal", "--volume", "runs",
                                    "--detach", "--no-preflight"])
-    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert out.exit_code == ModalLaunchFailed.exit_code and "Traceback" not in out.output
     assert "modal launch failed: ConnectionRefusedError: cannot reach" in out.output
     (job,) = JobTable().all()
     assert job["status"] == "failed" and "cannot reach" in job["message"]
@@ -330,7 +337,7 @@ def test_modal_launch_is_refused_before_start_when_preflight_fails(project, tmp_
     monkeypatch.chdir(project)
     out = CliRunner().invoke(cli, ["run", "train.py", "--backend", "modal", "--volume", "runs",
                                    "--detach"])
-    assert out.exit_code == 6 and "modal token new" in out.output
+    assert out.exit_code == PreflightFailed.exit_code and "modal token new" in out.output
     assert fake.calls == []
 
 
@@ -347,9 +354,10 @@ def test_a_modal_job_holds_its_run_dir_and_resumes_with_its_recorded_options(pro
               "--requirements", "requirements.txt", "--no-preflight", "--detach"]
     job_id = runner.invoke(cli, launch).output.splitlines()[0]
     second = runner.invoke(cli, launch)
-    assert second.exit_code == 2 and f"job {job_id} already runs on modal://runs/train" in \
-        second.output
-    assert runner.invoke(cli, ["resume", job_id]).exit_code == 2  # still running: refused
+    assert second.exit_code == RunDirBusy.exit_code
+    assert f"job {job_id} already runs on modal://runs/train" in second.output
+    still_running = runner.invoke(cli, ["resume", job_id])
+    assert still_running.exit_code == JobBusy.exit_code, still_running.output
     assert runner.invoke(cli, ["stop", job_id]).exit_code == 0
     fake.state = ("running", "")
     resumed = runner.invoke(cli, ["resume", job_id, "--detach"])
@@ -402,7 +410,7 @@ def test_a_resume_that_modal_refuses_can_be_resumed_again(project, tmp_path, mon
         raise ConnectionError("modal is down")
     fake.start = unreachable
     refused = runner.invoke(cli, ["resume", job_id, "--detach"])
-    assert refused.exit_code == 1 and "modal is down" in refused.output
+    assert refused.exit_code == ModalLaunchFailed.exit_code and "modal is down" in refused.output
     assert JobTable().get(job_id)["status"] == "failed"  # not pending forever
     fake.start, fake.state = real_start, ("running", "")
     again = runner.invoke(cli, ["resume", job_id, "--detach"])
