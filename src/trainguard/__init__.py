@@ -18,12 +18,13 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), {
                               "RNGState", "SaveHandle", "keep_any", "keep_best", "keep_every",
                               "keep_last", "keep_newer_than"),
     "trainguard.data": ("DataGate",),
-    "trainguard.errors": ("CheckpointCorrupt", "CheckpointError", "CheckpointExists",
-                          "CheckpointNotFound", "DataGateFailed", "LockHeld", "RunDirError",
-                          "StateMismatch", "StoreError", "TrainguardError"),
-    "trainguard.run": ("EXIT_RESUME", "DataCheckFailed", "HeartbeatRecord", "NonFiniteLoss",
-                       "Preempted", "ResumableLoader", "ResumableSampler", "Run", "RunConfig",
-                       "expect_all", "expect_any", "expect_mean", "read_heartbeat"),
+    "trainguard.errors": ("EXIT_RESUME", "CheckpointCorrupt", "CheckpointError",
+                          "CheckpointExists", "CheckpointNotFound", "DataCheckFailed",
+                          "DataGateFailed", "LockHeld", "NonFiniteLoss", "Preempted",
+                          "RunDirError", "StateMismatch", "StoreError", "TrainguardError"),
+    "trainguard.run": ("HeartbeatRecord", "ResumableLoader", "ResumableSampler", "Run",
+                       "RunConfig", "expect_all", "expect_any", "expect_mean",
+                       "read_heartbeat"),
     "trainguard.store": ("LocalStore", "ObjectStore", "Store", "open_store"),
 })
 
@@ -42,23 +43,23 @@ if TYPE_CHECKING:
     )
     from trainguard.data import DataGate
     from trainguard.errors import (
+        EXIT_RESUME,
         CheckpointCorrupt,
         CheckpointError,
         CheckpointExists,
         CheckpointNotFound,
+        DataCheckFailed,
         DataGateFailed,
         LockHeld,
+        NonFiniteLoss,
+        Preempted,
         RunDirError,
         StateMismatch,
         StoreError,
         TrainguardError,
     )
     from trainguard.run import (
-        EXIT_RESUME,
-        DataCheckFailed,
         HeartbeatRecord,
-        NonFiniteLoss,
-        Preempted,
         ResumableLoader,
         ResumableSampler,
         Run,

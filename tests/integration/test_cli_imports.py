@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from trainguard.errors import JobNotFound
 from trainguard.launch.jobs import FINAL, JobTable
 
 #: Top-level packages the torch-free paths must not import.
@@ -93,7 +94,7 @@ def test_job_commands_and_a_one_process_worker_skip_the_heavy_imports(tmp_path, 
     for command in ("sync", "preflight"):
         assert cli(command, "--help", env=env).returncode == 0
     missing = cli("status", "nosuchjob", env=env)
-    assert missing.returncode == 2 and "trainguard: error:" in missing.stderr
+    assert missing.returncode == JobNotFound.exit_code and "trainguard: error:" in missing.stderr
 
     launched = cli("run", "--detach", "worker.py", "--run-dir", str(tmp_path / "run"),
                    "--retries", "0", env=env, cwd=tmp_path)  # preflight included

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from trainguard import CheckpointManager
+from trainguard.errors import RunDirError
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
@@ -22,7 +23,7 @@ def test_bad_run_dirs_exit_nonzero_without_traceback(tmp_path):
     for target in ["missing", "file", "empty"]:
         for command in (["ls"], ["verify"], ["gc", "--keep-last", "1"]):
             result = run_cli(command[0], tmp_path / target, *command[1:])
-            assert result.returncode == 2, (target, command, result.stderr)
+            assert result.returncode == RunDirError.exit_code, (target, command, result.stderr)
             assert "Traceback" not in result.stderr + result.stdout
             assert result.stderr.startswith("trainguard: error:")
 

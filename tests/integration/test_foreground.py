@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.jobcli import committed_on_signal, tg, wait_for
+from trainguard.errors import RunDirError
 from trainguard.launch import JobSpec, JobTable, RetryPolicy, Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -312,7 +313,7 @@ def test_a_run_dir_under_a_file_fails_before_launching(home, tmp_path, detach):
     (tmp_path / "afile").write_text("not a directory")
     result = tg("run", *(["--detach"] if detach else []), script(tmp_path, "ok.py"),
                 "--run-dir", tmp_path / "afile" / "run")
-    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.returncode == RunDirError.exit_code, result.stdout + result.stderr
     assert result.stderr.splitlines() == [
         f"trainguard: error: run dir {tmp_path / 'afile' / 'run'} cannot be made: "
         f"{tmp_path / 'afile'} is a file, not a directory; choose a run dir (--run-dir) "

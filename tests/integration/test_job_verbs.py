@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tests.integration.jobcli import tg, wait_for
+from trainguard.errors import JobBusy, RunDirBusy, TrainguardError
 from trainguard.launch import JobSpec, JobTable
 from trainguard.launch.logs import LogClock
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 JOB = "tests/integration/launch_scripts/job.py"
 
 
-def one_line_error(result, code=2) -> str:
+def one_line_error(result, code: int) -> str:
     assert result.returncode == code, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -34,10 +35,11 @@ def test_one_job_per_run_dir_then_stop_resume_and_rm(home, tmp_path):
     wait_for(lambda: (table.get(job)["last_commit_step"] or 0) >= 5, what="a first commit")
 
     second = tg("run", "--detach", JOB, "--run-dir", run_dir)
-    error = one_line_error(second)
+    error = one_line_error(second, RunDirBusy.exit_code)
     assert f"job {job} already runs on {run_dir}" in error and "--run-dir" in error
     assert len(table.all()) == 1  # the refused launch left nothing behind
-    assert job in one_line_error(tg("rm", job)) and "trainguard stop" in one_line_error(tg("rm", job))
+    busy = one_line_error(tg("rm", job), JobBusy.exit_code)
+    assert job in busy and "trainguard stop" in busy
 
     assert tg("stop", job).returncode == 0
     committed = table.get(job)["last_commit_step"]
@@ -95,7 +97,7 @@ def test_ps_filters_lost_jobs_and_honest_columns(home, tmp_path):
     assert removed.returncode == 0 and f"removed job {lost}" in removed.stdout
     assert {j["id"] for j in table.all()} == {old, stopped}
     refused = tg("rm")
-    assert refused.returncode == 2 and "--lost for every lost one" in refused.stderr
+    assert refused.returncode == 2 and "--lost for every lost one" in refused.stderr  # usage
 
 
 def test_logs_tail_and_since_across_attempts(home, tmp_path):
@@ -107,7 +109,7 @@ def test_logs_tail_and_since_across_attempts(home, tmp_path):
     for n, first in ((1, now - 5 * 3600), (2, now - 3000)):  # a line every 10 min
         path = table.job_dir(job) / f"attempt-{n}.log"
         written = [first]
-        clock = LogClock(path, clock=lambda: written[0])
+        clock = LogClock(path, clock=lambda written=written: written[0])
         for i in range(5):
             with open(path, "a") as out:
                 out.write(f"attempt {n} line {i}\n")
@@ -122,7 +124,8 @@ def test_logs_tail_and_since_across_attempts(home, tmp_path):
     both = tg("logs", job, "--since", "6h", "--tail", 1).stdout
     assert both == "--- attempt 1 ---\nattempt 1 line 4\n--- attempt 2 ---\nattempt 2 line 4\n"
     assert tg("logs", job, "--attempt", 1, "--tail", 1).stdout == "attempt 1 line 4\n"
-    assert "no attempt 3" in one_line_error(tg("logs", job, "--attempt", 3), code=1)
+    assert "no attempt 3" in one_line_error(tg("logs", job, "--attempt", 3),
+                                           TrainguardError.exit_code)
     assert "neither a duration" in tg("logs", job, "--since", "yesterday-ish").stderr
 
 
@@ -139,7 +142,7 @@ def test_a_failed_job_resumed_in_the_foreground_goes_on_from_its_last_commit(hom
     assert resumed.stdout.splitlines() == [f"job {job} succeeded: attempt 2 succeeded"]
     assert f"attempt 2 starts after step {committed}" in resumed.stderr  # streamed output
     assert [a.exit_code for a in JobTable().attempts(job)] == [1, 0]
-    assert "nothing to resume" in one_line_error(tg("resume", job), code=1)
+    assert "nothing to resume" in one_line_error(tg("resume", job), TrainguardError.exit_code)
 
 
 def test_two_resumes_at_once_start_one_supervisor(home, tmp_path):

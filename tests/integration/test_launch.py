@@ -16,6 +16,7 @@ import torch
 
 from tests.integration.jobcli import committed_on_signal, tg, wait_for
 from trainguard import CheckpointManager
+from trainguard.errors import JobNotFound
 from trainguard.launch import JobTable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,11 +35,12 @@ def test_crashes_twice_then_succeeds_resuming_with_delays(home, tmp_path):
     job_id = result.stdout.split()[1]
     table = JobTable()
     attempts = table.attempts(job_id)
-    assert [(a.exit_code, a.reason) for a in attempts] == [(1, "exited"), (1, "exited"), (0, "exited")]
+    assert [(a.exit_code, a.reason) for a in attempts] == [(1, "exited"), (1, "exited"),
+                                                           (0, "exited")]
     for n in (1, 2):  # streamed to stderr as it ran; the retry's line names the error
         assert (f"attempt {n} exited with code 1 (RuntimeError: injected crash at step 12 on "
                 f"attempt {n}); retry {n}/3 in {n} s") in result.stderr
-    gaps = [b.started - a.ended for a, b in zip(attempts, attempts[1:])]
+    gaps = [b.started - a.ended for a, b in zip(attempts, attempts[1:], strict=False)]
     assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps  # 1 s, then 1 s x 2
     logs = [(home / "jobs" / job_id / f"attempt-{n}.log").read_text() for n in (1, 2, 3)]
     assert "starts after step 0" in logs[0]
@@ -130,16 +132,19 @@ def test_sync_during_training_copies_a_verified_committed_checkpoint(home, tmp_p
     assert step % 5 == 0  # a cadence commit, never a half-written one
 
 
-@pytest.mark.parametrize("args, message", [
-    (["status", "nosuchjob"], "no job 'nosuchjob'"),
-    (["run", "missing.py"], "missing.py does not exist"),
-    (["run", JOB, "--retries", "-1"], "-1 is not in the range"),
-    (["run", JOB, "--timeout", "soon"], "cannot read 'soon' as a duration"),
-    (["logs", "nosuchjob"], "no job 'nosuchjob'"),
+USAGE = 2  # click's code for a bad option or argument
+
+
+@pytest.mark.parametrize("args, message, code", [
+    (["status", "nosuchjob"], "no job 'nosuchjob'", JobNotFound.exit_code),
+    (["run", "missing.py"], "missing.py does not exist", USAGE),
+    (["run", JOB, "--retries", "-1"], "-1 is not in the range", USAGE),
+    (["run", JOB, "--timeout", "soon"], "cannot read 'soon' as a duration", USAGE),
+    (["logs", "nosuchjob"], "no job 'nosuchjob'", JobNotFound.exit_code),
 ])
-def test_bad_input_gets_one_clear_line(home, args, message):
+def test_bad_input_gets_one_clear_line(home, args, message, code):
     result = tg(*args)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == code, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
@@ -231,7 +236,7 @@ def test_torchrun_attempt_with_one_worker_75_and_one_failed_is_a_failure(home, t
 
 def test_bad_torchrun_options(home):
     result = tg("run", JOB, "--nnodes", "2")
-    assert result.returncode == 2 and "rdzv" in result.stderr.lower(), result.stderr
+    assert result.returncode == USAGE and "rdzv" in result.stderr.lower(), result.stderr
 
 
 def test_torchrun_elastic_restart_within_one_attempt_ends_bit_identical(home, tmp_path):

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from trainguard import CheckpointManager
 from trainguard.cli import cli
+from trainguard.errors import CheckpointNotFound, LockHeld, RunDirError
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def test_gc_refuses_while_a_writer_holds_the_run(run_dir):
     writer.save(400, {"w": torch.zeros(1)})
     result = invoke("gc", run_dir, "--keep-last", 1)
     writer.close()
-    assert result.exit_code == 3 and "locked by another writer" in result.output
+    assert result.exit_code == LockHeld.exit_code and "locked by another writer" in result.output
     assert len(list((run_dir / "checkpoints").iterdir())) == 4
 
 
@@ -86,7 +87,8 @@ def test_bad_options_are_usage_errors(run_dir, args, message):
 
 def test_verify_missing_step(run_dir):
     result = invoke("verify", run_dir, "--step", 5)
-    assert result.exit_code == 1 and "no checkpoint at step 5" in result.output
+    assert result.exit_code == CheckpointNotFound.exit_code
+    assert "no checkpoint at step 5" in result.output
 
 
 @pytest.mark.parametrize("command", ["ls", "verify"])
@@ -97,7 +99,7 @@ def test_unusable_run_dirs_get_one_line_errors(tmp_path, command):
                             (tmp_path / "empty", "holds no checkpoints"),
                             (tmp_path / "file", "is a file, not a run directory")]:
         result = invoke(command, target)
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == RunDirError.exit_code, result.output
         assert result.output.startswith("trainguard: error:") and message in result.output
         assert len(result.output.strip().splitlines()) == 1
         assert result.exception is None or isinstance(result.exception, SystemExit)

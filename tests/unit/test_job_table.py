@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from trainguard.cli import cli
+from trainguard.errors import JobTableError
 from trainguard.launch import JobSpec, JobTable
 
 
@@ -41,7 +42,8 @@ def test_a_broken_table_is_one_line_naming_the_file_and_the_fix(home, tmp_path, 
     for args in (["ps"], ["status", "abc"], ["run", str(script), "--detach",
                                                "--no-preflight"]):
         out = CliRunner().invoke(cli, args)
-        assert out.exit_code == 1 and "Traceback" not in out.output, (args, out.output)
+        assert out.exit_code == JobTableError.exit_code, (args, out.output)
+        assert "Traceback" not in out.output
         assert f"the job table {home / 'jobs.db'} cannot be used" in out.output or \
             f"the job table {home / 'jobs.db'} cannot be opened" in out.output
         assert needle in out.output

@@ -12,6 +12,14 @@ from modal._utils.async_utils import synchronizer
 from modal.mount import _Mount
 
 from trainguard.cli import cli
+from trainguard.errors import (
+    AttemptFailed,
+    AttemptPreempted,
+    JobBusy,
+    ModalLaunchFailed,
+    PreflightFailed,
+    RunDirBusy,
+)
 from trainguard.launch import JobSpec, JobTable, RetryPolicy
 from trainguard.launch.modal_backend import (
     ModalConfigError,
@@ -22,7 +30,7 @@ from trainguard.launch.modal_backend import (
     validate_retries,
     validate_timeout,
 )
-from trainguard.launch.modal_entry import JobFailed, Preempted, run_job
+from trainguard.launch.modal_entry import run_job
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "modal_project"
 
@@ -53,7 +61,8 @@ def _image_files(function) -> dict[str, str]:
         seen.add(id(obj))
         if isinstance(obj, _Mount):
             for entry in obj.entries:
-                files.update({str(local): str(remote) for local, remote in entry.get_files_to_upload()})
+                files.update({str(local): str(remote)
+                              for local, remote in entry.get_files_to_upload()})
         todo.extend(obj._deps_())
     return files
 
@@ -64,8 +73,9 @@ def _spec(project, **kw) -> JobSpec:
 
 
 def test_image_ships_every_nested_local_package_and_nothing_installed(project):
+    requirements = str(project / "requirements.txt")
     plan = build_plan(_spec(project), ModalOptions(volume="runs", gpu="H100:8",
-                                                   requirements_file=str(project / "requirements.txt")))
+                                                   requirements_file=requirements))
     assert set(plan.local_modules) == {"helpers", "mypkg", "utils_local"}
     expected = {"train.py", "utils_local.py", "helpers/__init__.py", "helpers/tools.py",
                 "mypkg/__init__.py", "mypkg/models/__init__.py", "mypkg/models/net.py",
@@ -133,7 +143,7 @@ def test_a_refused_launch_is_one_line_and_the_job_is_recorded_failed(project, tm
     monkeypatch.chdir(project)
     out = CliRunner().invoke(cli, ["run", "train.py", "--backend", "modal", "--volume", "runs",
                                    "--detach", "--no-preflight"])
-    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert out.exit_code == ModalLaunchFailed.exit_code and "Traceback" not in out.output
     assert "modal launch failed: ConnectionRefusedError: cannot reach" in out.output
     (job,) = JobTable().all()
     assert job["status"] == "failed" and "cannot reach" in job["message"]
@@ -191,9 +201,9 @@ def test_remote_entry_maps_exit_codes_and_always_commits(tmp_path):
                         "from trainguard.store import open_store\n"
                         "print(type(open_store(os.environ['TRAINGUARD_RUN_DIR'])).__name__)\n")
     assert run_job(ok, volume=volume)["exit_code"] == 0 and volume.commits == 1
-    with pytest.raises(Preempted):
+    with pytest.raises(AttemptPreempted):
         run_job(_job(tmp_path, "raise SystemExit(75)\n"), volume=volume)
-    with pytest.raises(JobFailed, match="code 3"):
+    with pytest.raises(AttemptFailed, match="code 3"):
         run_job(_job(tmp_path, "raise SystemExit(3)\n"), volume=volume)
     with pytest.raises(ZeroDivisionError):
         run_job(_job(tmp_path, "1 / 0\n"), volume=volume)
@@ -243,7 +253,7 @@ def test_before_modal_times_out_the_attempt_saves_commits_and_asks_to_be_run_aga
                          "    run.track(model=model)\n"
                          "    for step in run.steps(10**9):\n        time.sleep(0.01)\n")
     job["timeout"] = 4
-    with pytest.raises(Preempted):
+    with pytest.raises(AttemptPreempted):
         run_job(job, volume=FakeVolume())
     (saved,) = CheckpointManager(job["run_dir"]).list()
     assert saved.step > 0
@@ -327,7 +337,7 @@ def test_modal_launch_is_refused_before_start_when_preflight_fails(project, tmp_
     monkeypatch.chdir(project)
     out = CliRunner().invoke(cli, ["run", "train.py", "--backend", "modal", "--volume", "runs",
                                    "--detach"])
-    assert out.exit_code == 6 and "modal token new" in out.output
+    assert out.exit_code == PreflightFailed.exit_code and "modal token new" in out.output
     assert fake.calls == []
 
 
@@ -344,9 +354,10 @@ def test_a_modal_job_holds_its_run_dir_and_resumes_with_its_recorded_options(pro
               "--requirements", "requirements.txt", "--no-preflight", "--detach"]
     job_id = runner.invoke(cli, launch).output.splitlines()[0]
     second = runner.invoke(cli, launch)
-    assert second.exit_code == 2 and f"job {job_id} already runs on modal://runs/train" in \
-        second.output
-    assert runner.invoke(cli, ["resume", job_id]).exit_code == 2  # still running: refused
+    assert second.exit_code == RunDirBusy.exit_code
+    assert f"job {job_id} already runs on modal://runs/train" in second.output
+    still_running = runner.invoke(cli, ["resume", job_id])
+    assert still_running.exit_code == JobBusy.exit_code, still_running.output
     assert runner.invoke(cli, ["stop", job_id]).exit_code == 0
     fake.state = ("running", "")
     resumed = runner.invoke(cli, ["resume", job_id, "--detach"])
@@ -399,7 +410,7 @@ def test_a_resume_that_modal_refuses_can_be_resumed_again(project, tmp_path, mon
         raise ConnectionError("modal is down")
     fake.start = unreachable
     refused = runner.invoke(cli, ["resume", job_id, "--detach"])
-    assert refused.exit_code == 1 and "modal is down" in refused.output
+    assert refused.exit_code == ModalLaunchFailed.exit_code and "modal is down" in refused.output
     assert JobTable().get(job_id)["status"] == "failed"  # not pending forever
     fake.start, fake.state = real_start, ("running", "")
     again = runner.invoke(cli, ["resume", job_id, "--detach"])

@@ -21,6 +21,7 @@ from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.run import get_rdzv_endpoint, parse_args
 
 from trainguard.cli import cli
+from trainguard.errors import AttemptFailed, AttemptPreempted
 from trainguard.launch import JobSpec, RetryPolicy
 from trainguard.launch.modal_backend import (
     ModalConfigError,
@@ -31,8 +32,6 @@ from trainguard.launch.modal_backend import (
 )
 from trainguard.launch.modal_entry import (
     WORKER_MODULE,
-    JobFailed,
-    Preempted,
     node_exit_code,
     run_job,
     torchrun_argv,
@@ -150,7 +149,7 @@ def test_node_exit_code_is_resume_only_when_every_worker_committed_and_stopped()
 
 def test_preempted_torchrun_workers_save_on_the_volume_and_the_input_resumes(tmp_path):
     """A real torchrun (2 CPU workers): Modal's SIGINT reaches every worker through the
-    entry, each worker writes through a ModalVolumeStore, all exit 75 -> Preempted."""
+    entry, each worker writes through a ModalVolumeStore, all exit 75 -> AttemptPreempted."""
     script = tmp_path / "job.py"
     script.write_text(
         "import os, signal, sys, time\n"
@@ -178,7 +177,7 @@ def test_preempted_torchrun_workers_save_on_the_volume_and_the_input_resumes(tmp
     commits = []
     volume = SimpleNamespace(commit=lambda: commits.append(1))
     threading.Thread(target=preempt_when_ready, daemon=True).start()
-    with pytest.raises(Preempted, match=r"\{0: 75, 1: 75\}"):
+    with pytest.raises(AttemptPreempted, match=r"\{0: 75, 1: 75\}"):
         run_job(job, volume=volume)
     ready = sorted(Path(p).read_text() for p in glob.glob(str(tmp_path / "ready-*")))
     assert ready == ["ModalVolumeStore --x 1"] * 2 and commits == [1]
@@ -190,7 +189,7 @@ def test_failing_worker_fails_the_attempt(tmp_path):
     job = {"script": str(script), "args": [], "run_dir": str(tmp_path / "vol/run"),
            "volume": "v", "mount_path": str(tmp_path / "vol"), "timeout": 0, "env": {},
            "torchrun": {"nproc_per_node": 2, "nnodes": 1, "max_restarts": 0}}
-    with pytest.raises(JobFailed, match=r"code 1 .*\{0: 0, 1: 3\}"):
+    with pytest.raises(AttemptFailed, match=r"code 1 .*\{0: 0, 1: 3\}"):
         run_job(job, volume=SimpleNamespace(commit=lambda: None))
 
 

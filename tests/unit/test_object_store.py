@@ -7,6 +7,7 @@ import torch
 
 from tests.unit.store_conformance import StoreConformance
 from trainguard import CheckpointManager
+from trainguard.errors import RunDirError
 from trainguard.store import open_store
 from trainguard.store.object import ObjectStore
 
@@ -50,13 +51,14 @@ def test_cli_takes_store_urls(s3_env):
     mgr.close()
     runner = CliRunner()
     listed = runner.invoke(cli, ["ls", url])
-    assert listed.exit_code == 0 and [l.split()[0] for l in listed.output.splitlines()[1:]] == ["1", "2", "3"]
+    steps = [line.split()[0] for line in listed.output.splitlines()[1:]]
+    assert listed.exit_code == 0 and steps == ["1", "2", "3"]
     assert runner.invoke(cli, ["verify", url]).exit_code == 0
     gc = runner.invoke(cli, ["gc", url, "--keep-last", "1"])
     assert gc.exit_code == 0 and "deleted 2" in gc.output
     assert [c.step for c in CheckpointManager(url).list()] == [3]
     empty = runner.invoke(cli, ["ls", f"s3://{s3_env}/nothing-here"])
-    assert empty.exit_code == 2 and "holds no checkpoints" in empty.output
+    assert empty.exit_code == RunDirError.exit_code and "holds no checkpoints" in empty.output
 
 
 def test_ls_shows_both_tiers_newest_step(tmp_path, s3_env):

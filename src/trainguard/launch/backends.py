@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
-from trainguard.errors import TrainguardError
+from trainguard.errors import BackendUnreachable, TrainguardError
 from trainguard.launch import logs as joblogs
 from trainguard.launch.jobs import (
     FINAL,
@@ -33,12 +33,6 @@ from trainguard.launch.jobs import (
 )
 from trainguard.launch.spec import JobSpec
 from trainguard.store.lock import pid_alive
-
-
-class BackendUnreachable(TrainguardError):
-    """The service a job runs on cannot be asked right now (its recorded state stands)."""
-
-    exit_code = 1
 
 
 @runtime_checkable
@@ -137,7 +131,8 @@ class LocalBackend:
             if attempt is None and (current["attempt"] or 1) > n:  # a new attempt began
                 rest, _ = joblogs.read_from(joblogs.attempt_log(job_dir, n), offset)
                 yield rest  # the old attempt's last lines (its commit) first
-                for n in range(n + 1, current["attempt"] + 1):
+                first, last = n + 1, current["attempt"]
+                for n in range(first, last + 1):  # n ends as the newest attempt
                     yield f"--- attempt {n} ---\n"
                     if n < current["attempt"]:
                         yield joblogs.read_from(joblogs.attempt_log(job_dir, n), 0)[0]

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainguard.errors import TrainguardError
+from trainguard.errors import JobBusy, JobNotFound, JobTableError, RunDirBusy
 from trainguard.launch.spec import JobSpec
 from trainguard.store.lock import pid_alive
 
@@ -62,37 +62,6 @@ def _private(path: Path) -> None:
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
-
-
-class JobNotFound(TrainguardError):
-    """No job with that id (or id prefix)."""
-
-    exit_code = 2
-
-
-class RunDirBusy(TrainguardError):
-    """Another job still runs on this run directory (one job per run directory)."""
-
-    exit_code = 2
-
-    def __init__(self, job_id: str, run_dir: str) -> None:
-        super().__init__(f"job {job_id} already runs on {run_dir}: one job writes a run "
-                         f"directory at a time. Give this one its own (--run-dir DIR, or "
-                         f"--name for Modal), or end that one first (`trainguard stop "
-                         f"{job_id}`)")
-        self.job_id, self.run_dir = job_id, run_dir
-
-
-class JobBusy(TrainguardError):
-    """The verb needs an ended job (``rm``, ``resume``) and this one still runs."""
-
-    exit_code = 2
-
-
-class JobTableError(TrainguardError):
-    """The job table cannot be opened or written (corrupt, read-only, not a database)."""
-
-    exit_code = 1
 
 
 def _table_error(path: Path, exc: sqlite3.Error) -> JobTableError:

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import trainguard
+from trainguard.errors import ModalConfigError
 from trainguard.launch.modal_entry import torchrun_argv
 from trainguard.launch.spec import JobSpec, format_duration
 from trainguard.preflight import ImportClosure, import_closure
@@ -58,10 +59,6 @@ RUNTIME_PACKAGES = ("torch>=2.4", "safetensors>=0.4", "numpy>=1.24", "xxhash>=3.
 #: Modules the image gets as shipped source rather than as packages.
 SHIPPED_RUNTIME = ("trainguard",)
 _IGNORE_PARTS = {"__pycache__", ".git", ".ipynb_checkpoints"}
-
-
-class ModalConfigError(ValueError):
-    """A Modal option is outside Modal's limits (the message states the limit)."""
 
 
 def validate_gpu(text: str | None) -> str | list[str] | None:
@@ -456,8 +453,8 @@ def resolve_add_local(entries: tuple[str, ...], cwd: str, root: str) -> dict[str
             raise ModalConfigError(f"--add-local {entry!r}: {local} does not exist; give a file "
                                    f"or directory the script reads, as PATH or PATH:REMOTE")
         target = _remote_of(local, remote if sep else "", Path(root).resolve())
-        if target == MOUNT_PATH or target.startswith(MOUNT_PATH + "/") or \
-                target.startswith(f"{REMOTE_ROOT}/trainguard"):
+        if target == MOUNT_PATH or target.startswith((MOUNT_PATH + "/",
+                                                      f"{REMOTE_ROOT}/trainguard")):
             raise ModalConfigError(f"--add-local {entry!r}: {target} is the volume or "
                                    f"trainguard's own code in the container; ship it elsewhere "
                                    f"(e.g. {path}:data/{local.name})")

@@ -21,14 +21,14 @@ How the script runs:
 Exit codes map onto Modal's behaviour, the same in both ways:
 
 * 0: the input succeeds (after a final ``volume.commit()``);
-* 75 (preempted or timed out, state committed): :class:`Preempted` is raised so the input
+* 75 (preempted or timed out, state committed): :class:`AttemptPreempted` is raised so the input
   is not reported as done; Modal restarts a preempted input by itself, and a timeout
   becomes a Modal retry. Shortly before Modal's per-attempt timeout the script (or the
   torchrun child, which forwards it to every worker) gets SIGINT, so the Run saves and
   commits before Modal kills it. torchrun itself exits 1 when any worker fails, so under
   torchrun the attempt counts as preempted when every worker of this node recorded 75
   (``node_exit_code`` in ``launch/torchrun.py``, shared with the local supervisor);
-* anything else: :class:`JobFailed` is raised, which Modal's ``Retries`` retries.
+* anything else: :class:`AttemptFailed` is raised, which Modal's ``Retries`` retries.
 
 The volume is committed once more on every way out (on error too).
 
@@ -61,6 +61,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from trainguard.errors import AttemptFailed, AttemptPreempted
 from trainguard.launch import worker
 from trainguard.launch.torchrun import (
     ENV_EXITS,
@@ -100,14 +101,6 @@ def timeout_margin(timeout: float) -> float:
     """Seconds before Modal's timeout at which the attempt saves and stops: two minutes,
     or a quarter of a short timeout."""
     return min(TIMEOUT_MARGIN, timeout / 4)
-
-
-class Preempted(RuntimeError):
-    """The attempt saved, committed and stopped early (preemption or timeout): run it again."""
-
-
-class JobFailed(RuntimeError):
-    """The training script exited with a failure code."""
 
 
 def run_script(script: str, args: list[str], run_dir: str, env: dict | None = None) -> int:
@@ -317,8 +310,8 @@ def _reload(volume) -> None:
     try:
         reload()
     except Exception as exc:
-        raise JobFailed(f"volume.reload() failed before resuming: {exc}; the attempt would "
-                        f"resume from a stale view of the volume") from exc
+        raise AttemptFailed(f"volume.reload() failed before resuming: {exc}; the attempt would "
+                            f"resume from a stale view of the volume") from exc
 
 
 def run_job(job: dict, volume=None, cluster=None) -> dict:
@@ -334,8 +327,8 @@ def run_job(job: dict, volume=None, cluster=None) -> dict:
         ``{"exit_code": 0, "run_dir": ...}`` when the script succeeded.
 
     Raises:
-        Preempted: the script committed and stopped early; Modal runs the input again.
-        JobFailed: the script failed; Modal's retry policy decides what happens next.
+        AttemptPreempted: the script committed and stopped early; Modal runs the input again.
+        AttemptFailed: the script failed; Modal's retry policy decides what happens next.
         modal.exception.InputCancellation: the call was cancelled; the script committed
             first.
     """
@@ -375,10 +368,10 @@ def run_job(job: dict, volume=None, cluster=None) -> dict:
         raise InputCancellation(f"{job['script']} was cancelled; it committed first (exit code "
                                 f"{code}){detail}")
     if code == EXIT_RESUME:
-        raise Preempted(f"{job['script']} committed and stopped early (exit code 75){detail}; "
-                        "the input runs again and resumes")
+        raise AttemptPreempted(f"{job['script']} committed and stopped early (exit code 75)"
+                               f"{detail}; the input runs again and resumes")
     if code != 0:
-        raise JobFailed(f"{job['script']} exited with code {code}{detail}")
+        raise AttemptFailed(f"{job['script']} exited with code {code}{detail}")
     return {"exit_code": 0, "run_dir": shown_run_dir}
 
 

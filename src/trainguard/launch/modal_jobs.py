@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from trainguard.errors import TrainguardError
+from trainguard.errors import BackendUnreachable, ModalLaunchFailed, TrainguardError
 from trainguard.launch.jobs import FINAL, JobTable, holds_run_dir, require_ended
 from trainguard.launch.modal_backend import ModalOptions, build_app, build_plan
 from trainguard.launch.spec import JobSpec
@@ -42,12 +42,6 @@ CLIENT_FACTORY = None
 def make_client() -> ModalClient:
     """The :class:`ModalClient` to use (:class:`RealModalClient` unless a test set one)."""
     return CLIENT_FACTORY() if CLIENT_FACTORY is not None else RealModalClient()
-
-
-class ModalLaunchFailed(TrainguardError):
-    """Modal refused or failed the launch (the message names what Modal said)."""
-
-    exit_code = 1
 
 
 class ModalClient(Protocol):
@@ -363,7 +357,6 @@ def _modal_error(exc: Exception) -> bool:
 @contextlib.contextmanager
 def talking_to_modal(what: str):
     """Modal's own errors (unreachable, refused, not found) as one line naming ``what``."""
-    from trainguard.launch.backends import BackendUnreachable
 
     try:
         yield

@@ -2,7 +2,7 @@
 
 ``run_preflight`` runs the checks that apply to a launch and returns their results; each
 prints as ``✓`` or ``✗`` with a one-line fix (``CheckResult.line``). ``require_ok`` turns
-any ``✗`` into :class:`PreflightFailed` (exit code 6). The checks:
+any ``✗`` into :class:`~trainguard.errors.PreflightFailed` (exit code 6). The checks:
 
 * modal installed and credentials present, resolved by the client's own configuration
   (Modal backend; never contacts Modal);
@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from trainguard.errors import TrainguardError
+from trainguard.errors import PreflightFailed
 from trainguard.preflight.checks import (
     CheckResult,
     canonical_name,
@@ -48,12 +48,6 @@ __all__ = ["CheckResult", "ImportClosure", "ImportSite", "PreflightFailed", "Pre
            "check_modal_installed", "check_shipped_paths", "check_store", "check_versions",
            "distribution_of", "import_closure", "parse_requirement", "require_ok",
            "run_preflight"]
-
-
-class PreflightFailed(TrainguardError):
-    """A preflight check failed: the launch would have failed later, on paid time."""
-
-    exit_code = 6
 
 
 #: Import names whose distribution is named differently (used when not installed here).

@@ -13,32 +13,24 @@ from trainguard._lazy import lazy_exports
 # Loaded on first use (PEP 562): the launcher reads EXIT_RESUME and heartbeats without
 # torch; Run and the data/guard helpers import it.
 __getattr__, __dir__ = lazy_exports(__name__, globals(), {
-    "trainguard.run.config": ("EXIT_RESUME", "RunConfig"),
+    "trainguard.errors": ("EXIT_RESUME", "DataCheckFailed", "NonFiniteLoss", "Preempted"),
+    "trainguard.run.config": ("RunConfig",),
     "trainguard.run.data": ("ResumableLoader", "ResumableSampler"),
-    "trainguard.run.guards": ("DataCheck", "DataCheckFailed", "MicroBatcher", "NonFiniteLoss",
-                              "expect_all", "expect_any", "expect_mean"),
+    "trainguard.run.guards": ("DataCheck", "MicroBatcher", "expect_all", "expect_any",
+                              "expect_mean"),
     "trainguard.run.heartbeat": ("HEARTBEAT_FILE", "HeartbeatRecord", "read_heartbeat"),
     "trainguard.run.metrics": ("METRICS_FILE",),
     "trainguard.run.run": ("Phase", "Run"),
-    "trainguard.run.signals": ("Preempted",),
 })
 
 if TYPE_CHECKING:
-    from trainguard.run.config import EXIT_RESUME, RunConfig
+    from trainguard.errors import EXIT_RESUME, DataCheckFailed, NonFiniteLoss, Preempted
+    from trainguard.run.config import RunConfig
     from trainguard.run.data import ResumableLoader, ResumableSampler
-    from trainguard.run.guards import (
-        DataCheck,
-        DataCheckFailed,
-        MicroBatcher,
-        NonFiniteLoss,
-        expect_all,
-        expect_any,
-        expect_mean,
-    )
+    from trainguard.run.guards import DataCheck, MicroBatcher, expect_all, expect_any, expect_mean
     from trainguard.run.heartbeat import HEARTBEAT_FILE, HeartbeatRecord, read_heartbeat
     from trainguard.run.metrics import METRICS_FILE
     from trainguard.run.run import Phase, Run
-    from trainguard.run.signals import Preempted
 
 __all__ = [
     "EXIT_RESUME",

@@ -14,12 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from trainguard.checkpoint import RetentionPolicy
-
-#: Exit code of a process that was preempted (SIGTERM/SIGINT) and committed its state:
-#: "restart me and I will resume". 75 is ``EX_TEMPFAIL`` from BSD ``sysexits.h``
-#: ("temporary failure; the user is invited to retry"), distinct from 0 (done), 1 (an
-#: error, Python's default) and 128+N (killed by signal N).
-EXIT_RESUME = 75
+from trainguard.errors import EXIT_RESUME as EXIT_RESUME  # re-exported: defined with the codes
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

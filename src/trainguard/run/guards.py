@@ -23,21 +23,10 @@ from typing import Any
 
 import torch
 
-from trainguard.errors import TrainguardError
+from trainguard.errors import DataCheckFailed
+from trainguard.errors import NonFiniteLoss as NonFiniteLoss  # re-exported (it was defined here)
 
 log = logging.getLogger("trainguard.run")
-
-
-class DataCheckFailed(TrainguardError):
-    """A data check failed on the first batches: the data, not the model, is wrong."""
-
-    exit_code = 4
-
-
-class NonFiniteLoss(TrainguardError):
-    """The loss stayed NaN/inf after the allowed rollbacks (or nothing to roll back to)."""
-
-    exit_code = 5
 
 
 # -- data checks -------------------------------------------------------------------------

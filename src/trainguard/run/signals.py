@@ -21,31 +21,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from trainguard.run.config import EXIT_RESUME
+from trainguard.errors import Preempted as Preempted  # re-exported (it was defined here)
 
 log = logging.getLogger("trainguard.run")
-
-
-class Preempted(SystemExit):
-    """Raised by ``run.steps()`` once the preemption save is committed.
-
-    It is a ``SystemExit`` (not an ``Exception``), so ``except Exception`` in user code
-    does not swallow it, and an uncaught one ends the process with :data:`EXIT_RESUME`
-    and no traceback.
-
-    Attributes:
-        step: the step whose checkpoint was committed (or the last committed one).
-        signal_name: the signal that asked for the stop, e.g. ``"SIGTERM"``.
-    """
-
-    def __init__(self, step: int, signal_name: str) -> None:
-        super().__init__(EXIT_RESUME)
-        self.step = step
-        self.signal_name = signal_name
-
-    def __str__(self) -> str:
-        return (f"preempted by {self.signal_name}: step {self.step} is committed; exiting "
-                f"with code {EXIT_RESUME} (EXIT_RESUME): run the same command to resume")
 
 
 def _name(signum: int) -> str:
