@@ -357,7 +357,6 @@ def _modal_error(exc: Exception) -> bool:
 @contextlib.contextmanager
 def talking_to_modal(what: str):
     """Modal's own errors (unreachable, refused, not found) as one line naming ``what``."""
-
     try:
         yield
     except Exception as exc:
