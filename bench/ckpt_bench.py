@@ -335,7 +335,7 @@ WIDTHS = [19, 7, 20, 9, 20, 9, 20, 9, 8]
 
 
 def row(cells: list[str]) -> str:
-    return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, WIDTHS)) + " |"
+    return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, WIDTHS, strict=True)) + " |"
 
 
 def _cells(runs: list[dict], key: str) -> list[str]:

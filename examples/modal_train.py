@@ -22,7 +22,7 @@ def main(steps: int = 2000) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     with Run(save_every_steps=200, save_every_seconds=600) as run:
         run.track(model=model, optimizer=optimizer)
-        for step in run.steps(steps):
+        for _step in run.steps(steps):
             x = torch.randn(128, 64, device=device)
             loss = (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()
             optimizer.zero_grad()

@@ -3,8 +3,8 @@
 ``FaultProxy(upstream).fail_next(n, kind)`` makes the next ``n`` requests (optionally only
 those whose path matches ``match``) fail with ``kind``: ``"503"`` answers Service
 Unavailable, ``"drop"`` closes the connection without an answer, ``"lost"`` forwards the
-request (it lands upstream) and then closes the connection without passing the answer on. ``block(match)`` fails
-every matching request until ``unblock()``. Every request is counted.
+request (it lands upstream) and then closes the connection without passing the answer
+on. ``block(match)`` fails every matching request until ``unblock()``. Every request is counted.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class FaultProxy:
                     return
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port,
                                                   timeout=60)
-                headers = {k: v for k, v in self.headers.items()}
+                headers = dict(self.headers.items())
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()

@@ -62,7 +62,7 @@ def test_optimizer_state_on_cuda_round_trips_and_arena_is_reused(tmp_path):
     model2 = _model(layers=4)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
     assert mgr.restore({"model": model2, "optim": opt2}) == 2
-    for p, q in zip(model.parameters(), model2.parameters()):
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(p, q)
         for key in ("exp_avg", "exp_avg_sq"):
             assert opt2.state[q][key].device.type == "cuda"

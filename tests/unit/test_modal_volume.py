@@ -46,7 +46,8 @@ class RecordingStore(ModalVolumeStore):
 
 
 def _assert_manifest_then_commit(events: list) -> int:
-    manifests = [i for i, e in enumerate(events) if e[0] == "write" and e[1].endswith("manifest.json")]
+    manifests = [i for i, e in enumerate(events)
+                 if e[0] == "write" and e[1].endswith("manifest.json")]
     assert manifests, events
     for i in manifests:  # the very next thing after a manifest write is volume.commit()
         assert events[i + 1] == ("commit",), events[i:i + 2]

@@ -39,7 +39,7 @@ def sync_once(source: str, dest: str, *, keep: int = 2) -> CheckpointInfo:
 
 def _sync(src: CheckpointManager, dst: CheckpointManager, source: str, dest: str,
           keep: int) -> CheckpointInfo:
-    for attempt in range(3):  # the newest may be deleted by retention mid-copy: take the next
+    for _attempt in range(3):  # the newest may be deleted by retention mid-copy: take the next
         latest = src.latest_valid()
         if latest is None:
             raise CheckpointNotFound(f"{source} has no committed checkpoint yet")
@@ -61,7 +61,8 @@ def _sync(src: CheckpointManager, dst: CheckpointManager, source: str, dest: str
 
 
 def watch(source: str, dest: str, every: float, *, report: Callable[[CheckpointInfo], None],
-          keep: int = 2, rounds: int | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+          keep: int = 2, rounds: int | None = None,
+          sleep: Callable[[float], None] = time.sleep) -> None:
     """Call :func:`sync_once` every ``every`` seconds (forever, or ``rounds`` times)."""
     done = 0
     while rounds is None or done < rounds:

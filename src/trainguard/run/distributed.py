@@ -65,10 +65,10 @@ def world() -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError(
-            "this process is one of WORLD_SIZE=%s (started by torchrun) but "
-            "torch.distributed is not initialized: call "
-            "torch.distributed.init_process_group() before opening the Run, so the ranks "
-            "can agree on what to save and restore" % os.environ["WORLD_SIZE"])
+            f"this process is one of WORLD_SIZE={os.environ['WORLD_SIZE']} (started by "
+            f"torchrun) but torch.distributed is not initialized: call "
+            f"torch.distributed.init_process_group() before opening the Run, so the ranks "
+            f"can agree on what to save and restore")
     return 0, 1
 
 

@@ -16,12 +16,12 @@ Semantics every backend guarantees:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 #: Anything ``memoryview()`` accepts: bytes, bytearray, mmap, numpy arrays.
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 #: One buffer, or an iterable of buffers written back to back (a stream).
-Data = Union[Buffer, Iterable[Buffer]]
+Data = Buffer | Iterable[Buffer]
 
 
 def check_key(key: str) -> str:

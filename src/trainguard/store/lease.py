@@ -165,7 +165,7 @@ class ObjectLease:
                                 "to %.0f s for it to be renewed or to expire", self.url,
                                 record.get("pid", "?"), record.get("host", "?"), self.ttl)
             if self._holder_dead_here(record) or time.monotonic() >= deadline:
-                etag = self._retry.call(lambda: self._put({"e_tag": current_etag}), what)
+                etag = self._retry.call(lambda tag=current_etag: self._put({"e_tag": tag}), what)
                 if etag is not None:
                     log.warning("%s: took over the writer lease of pid %s on host %s (%s)",
                                 self.url, record.get("pid", "?"), record.get("host", "?"),

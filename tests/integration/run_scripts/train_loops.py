@@ -137,7 +137,7 @@ def epochs_loop(args: argparse.Namespace, run: Run, model: nn.Module) -> None:
             model.zero_grad()
             loss.backward()
             with torch.no_grad():
-                for p, v in zip(model.parameters(), velocity):
+                for p, v in zip(model.parameters(), velocity, strict=True):
                     v.mul_(0.9).add_(p.grad)
                     p.add_(v, alpha=-args.lr)
             run.carry(velocity=velocity)

@@ -64,8 +64,9 @@ class LocalModal:
         self.root = Path(root or tempfile.mkdtemp(prefix="modal-local-"))
         self.token_id = "ak-local" + secrets.token_hex(8)
         self.token_secret = "as-local" + secrets.token_hex(16)
-        self._options = dict(heartbeat_interval=heartbeat_interval, preempt_grace=preempt_grace,
-                             crash_limit=crash_limit, idle_timeout=idle_timeout, python=python)
+        self._options = {"heartbeat_interval": heartbeat_interval, "preempt_grace": preempt_grace,
+                         "crash_limit": crash_limit, "idle_timeout": idle_timeout,
+                         "python": python}
         self._port = port
         self.url = ""
         self.plane = None
