@@ -456,8 +456,8 @@ def resolve_add_local(entries: tuple[str, ...], cwd: str, root: str) -> dict[str
             raise ModalConfigError(f"--add-local {entry!r}: {local} does not exist; give a file "
                                    f"or directory the script reads, as PATH or PATH:REMOTE")
         target = _remote_of(local, remote if sep else "", Path(root).resolve())
-        if target == MOUNT_PATH or target.startswith(MOUNT_PATH + "/") or \
-                target.startswith(f"{REMOTE_ROOT}/trainguard"):
+        if target == MOUNT_PATH or target.startswith((MOUNT_PATH + "/",
+                                                      f"{REMOTE_ROOT}/trainguard")):
             raise ModalConfigError(f"--add-local {entry!r}: {target} is the volume or "
                                    f"trainguard's own code in the container; ship it elsewhere "
                                    f"(e.g. {path}:data/{local.name})")
