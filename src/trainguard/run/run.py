@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from trainguard._units import human_duration
 from trainguard.checkpoint import CheckpointInfo, CheckpointManager
 from trainguard.checkpoint.tree import is_stateful
 from trainguard.errors import CheckpointNotFound
@@ -55,7 +56,7 @@ from trainguard.run.guards import (
 )
 from trainguard.run.heartbeat import TRAIN, Phase
 from trainguard.run.loaders import DataLoaderPosition
-from trainguard.run.metrics import RESERVED, fmt_seconds, open_sinks, to_number
+from trainguard.run.metrics import RESERVED, open_sinks, to_number
 from trainguard.run.session import Session
 from trainguard.run.signals import Preempted
 from trainguard.run.state import RUN_KEY, RunCounters, build_state
@@ -295,7 +296,7 @@ class Run(EpochLoop, BestCheckpoint):
     def _describe_checkpoint(self, mgr: CheckpointManager, step: int) -> str:
         info: CheckpointInfo | None = next((i for i in mgr.list() if i.step == step), None)
         where = f"{mgr.store.url}/{info.key}" if info else mgr.store.url
-        age = fmt_seconds(self._wall() - info.created_at) if info else "?"
+        age = human_duration(self._wall() - info.created_at) if info else "?"
         log.info("resumed at step %d from %s (%s checkpoint, saved %s ago)", step, where,
                  info.reason if info else "?", age)
         return where
@@ -598,7 +599,7 @@ class Run(EpochLoop, BestCheckpoint):
             heartbeat.set_phase(previous)
             took = self._clock() - started
             if took >= self.config.progress_every_seconds:  # it had progress lines: close them
-                log.info("%s: done in %s at step %d", name, fmt_seconds(took), self.step)
+                log.info("%s: done in %s at step %d", name, human_duration(took), self.step)
 
     def _describe(self) -> str:
         phase = self._s.heartbeat.snapshot()["phase"] if self._s and self._s.heartbeat else "?"
