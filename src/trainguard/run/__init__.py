@@ -14,7 +14,7 @@ from trainguard._lazy import lazy_exports
 # torch; Run and the data/guard helpers import it.
 __getattr__, __dir__ = lazy_exports(__name__, globals(), {
     "trainguard.run.config": ("EXIT_RESUME", "RunConfig"),
-    "trainguard.run.data": ("ResumableLoader", "ResumableSampler"),
+    "trainguard.run.resumable_loader": ("ResumableLoader", "ResumableSampler"),
     "trainguard.run.guards": ("DataCheck", "DataCheckFailed", "MicroBatcher", "NonFiniteLoss",
                               "expect_all", "expect_any", "expect_mean"),
     "trainguard.run.heartbeat": ("HEARTBEAT_FILE", "HeartbeatRecord", "read_heartbeat"),
@@ -25,7 +25,6 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), {
 
 if TYPE_CHECKING:
     from trainguard.run.config import EXIT_RESUME, RunConfig
-    from trainguard.run.data import ResumableLoader, ResumableSampler
     from trainguard.run.guards import (
         DataCheck,
         DataCheckFailed,
@@ -37,6 +36,7 @@ if TYPE_CHECKING:
     )
     from trainguard.run.heartbeat import HEARTBEAT_FILE, HeartbeatRecord, read_heartbeat
     from trainguard.run.metrics import METRICS_FILE
+    from trainguard.run.resumable_loader import ResumableLoader, ResumableSampler
     from trainguard.run.run import Phase, Run
     from trainguard.run.signals import Preempted
 

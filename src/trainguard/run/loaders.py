@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_in
 
 from trainguard.checkpoint.tree import is_stateful
 from trainguard.errors import StateMismatch
-from trainguard.run.data import mix_seed
+from trainguard.run.resumable_loader import mix_seed
 
 log = logging.getLogger("trainguard.run")
 

@@ -7,7 +7,7 @@ import torch
 
 from trainguard.errors import StateMismatch
 from trainguard.run import ResumableLoader, ResumableSampler
-from trainguard.run.data import BatchFeed
+from trainguard.run.resumable_loader import BatchFeed
 
 
 def batches(loader: ResumableLoader, n: int) -> list[list[int]]:
