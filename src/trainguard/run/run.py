@@ -46,6 +46,7 @@ from trainguard.run.best import BestCheckpoint
 from trainguard.run.commits import parameters_finite
 from trainguard.run.config import EXIT_RESUME, RunConfig
 from trainguard.run.epochs import EpochLoop, EpochPosition
+from trainguard.run.feed import BatchFeed
 from trainguard.run.guards import (
     DataCheckFailed,
     MicroBatcher,
@@ -56,7 +57,6 @@ from trainguard.run.guards import (
 from trainguard.run.heartbeat import TRAIN, Phase
 from trainguard.run.loaders import DataLoaderPosition
 from trainguard.run.metrics import RESERVED, open_sinks, to_number
-from trainguard.run.resumable_loader import BatchFeed
 from trainguard.run.session import Session
 from trainguard.run.signals import Preempted
 from trainguard.run.state import RUN_KEY, RunCounters, build_state
