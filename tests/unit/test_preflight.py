@@ -155,7 +155,7 @@ def test_credentials_resolve_as_the_installed_client_resolves_them(tmp_path):
                          timeout=120)
     assert run.returncode == 0, run.stderr
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    for (env, _toml, ok, needle), (got_ok, detail, fix) in zip(_CREDENTIALS, results):
+    for (env, _toml, ok, needle), (got_ok, detail, fix) in zip(_CREDENTIALS, results, strict=True):
         assert (got_ok, needle in detail) == (ok, True), (env, detail)
         if not ok:
             assert "modal token new" in fix or "unset" in fix
@@ -212,7 +212,8 @@ def test_local_run_is_refused_when_an_import_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINGUARD_HOME", str(tmp_path / "home"))
     result = CliRunner().invoke(cli, ["run", str(FIXTURE / "broken.py"), "--retries", "0"])
     assert result.exit_code == 6 and "mypkg.nothere" in result.output
-    assert not (tmp_path / "home" / "jobs").exists() or not any((tmp_path / "home" / "jobs").iterdir())
+    jobs = tmp_path / "home" / "jobs"
+    assert not jobs.exists() or not any(jobs.iterdir())
 
 
 def test_preflight_gates_the_data_with_its_counts(tmp_path):

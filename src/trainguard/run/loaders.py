@@ -233,7 +233,8 @@ class DataLoaderPosition:
     def _materialize(self) -> list:
         """The epoch's indices, from its seed and its samplers' state at its start."""
         samplers = self._randomness()
-        for sampler, state in zip(samplers, self._sampler_states or []):
+        # No states recorded (None) means nothing to set back: zip stops at the shorter.
+        for sampler, state in zip(samplers, self._sampler_states or [], strict=False):
             if state is None:
                 continue
             if is_stateful(sampler):
