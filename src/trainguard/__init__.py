@@ -17,7 +17,7 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), {
     "trainguard.checkpoint": ("CheckpointInfo", "CheckpointManager", "RetentionPolicy",
                               "RNGState", "SaveHandle", "keep_any", "keep_best", "keep_every",
                               "keep_last", "keep_newer_than"),
-    "trainguard.data": ("DataGate",),
+    "trainguard.data_manifest": ("DataGate",),
     "trainguard.errors": ("EXIT_RESUME", "CheckpointCorrupt", "CheckpointError",
                           "CheckpointExists", "CheckpointNotFound", "DataCheckFailed",
                           "DataGateFailed", "LockHeld", "NonFiniteLoss", "Preempted",
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
         keep_last,
         keep_newer_than,
     )
-    from trainguard.data import DataGate
+    from trainguard.data_manifest import DataGate
     from trainguard.errors import (
         EXIT_RESUME,
         CheckpointCorrupt,

@@ -227,7 +227,8 @@ def test_preflight_gates_the_data_with_its_counts(tmp_path):
     cache.mkdir()
     (cache / "a.json").write_text("[0, 0]")
     args = ["preflight", str(script), "--run-dir", str(tmp_path / "run"), "--data", str(cache),
-            "--data-stats", "tests.unit.test_data:count_positive", "--data-pattern", "*.json"]
+            "--data-stats", "tests.unit.test_data_manifest:count_positive",
+            "--data-pattern", "*.json"]
     failed = CliRunner().invoke(cli, [*args, "--data-require", "positive > 0"])
     assert failed.exit_code == 6, failed.output
     assert "✗ data" in failed.output and "positive > 0 (it is 0)" in failed.output

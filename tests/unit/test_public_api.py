@@ -55,3 +55,14 @@ def test_lazy_names_resolve_to_what_the_type_checking_imports_say(name):
     assert not hasattr(package, "no_such_name")
     with pytest.raises(AttributeError, match=f"module '{name}' has no attribute 'Nope'"):
         package.Nope  # noqa: B018
+
+
+def test_the_old_data_module_still_exports_the_dataset_manifests():
+    # trainguard.data was renamed trainguard.data_manifest; scripts importing the old
+    # path (from trainguard.data import DataGate) keep working.
+    import trainguard.data
+    import trainguard.data_manifest
+
+    assert trainguard.data.__all__
+    for name in trainguard.data.__all__:
+        assert getattr(trainguard.data, name) is getattr(trainguard.data_manifest, name), name

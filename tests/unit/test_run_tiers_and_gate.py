@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainguard import CheckpointManager
-from trainguard.data import DataGate
+from trainguard.data_manifest import DataGate
 from trainguard.errors import DataGateFailed
 from trainguard.run import Run
 

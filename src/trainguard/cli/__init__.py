@@ -14,7 +14,7 @@ import click
 
 from trainguard._version import __version__
 from trainguard.cli.checkpoints import gc_command, ls_command, verify_command
-from trainguard.cli.data import data_group
+from trainguard.cli.data_manifest import data_group
 from trainguard.cli.export import export_command
 from trainguard.cli.jobs import (
     logs_command,

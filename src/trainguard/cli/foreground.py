@@ -42,7 +42,8 @@ from typing import TextIO
 
 import click
 
-from trainguard.launch import JobSpec, JobTable, format_duration, launch
+from trainguard._units import human_duration
+from trainguard.launch import JobSpec, JobTable, launch
 from trainguard.launch.jobs import FINAL
 
 EXIT_SUCCEEDED = 0
@@ -262,13 +263,13 @@ def status_line(job: dict, now: float | None = None) -> str:
     else:
         parts.append("no heartbeat yet")
     if job.get("last_commit_step") is not None:
-        age = format_duration(now - job["last_commit_at"]) if job.get("last_commit_at") else "?"
+        age = human_duration(now - job["last_commit_at"]) if job.get("last_commit_at") else "?"
         parts.append(f"committed {job['last_commit_step']} ({age} ago)")
     speed = job.get("speed")
     if speed:
         parts.append(f"{speed:.2f} steps/s")
         if total and step is not None:
-            parts.append(f"eta {format_duration((total - step) / speed)}")
+            parts.append(f"eta {human_duration((total - step) / speed)}")
     if job.get("cost_usd"):
         parts.append(f"${job['cost_usd']:.2f}")
     return "  ".join(parts)

@@ -11,13 +11,12 @@ import time
 
 import click
 
-from trainguard._units import human_bytes
+from trainguard._units import human_bytes, human_duration
 from trainguard.errors import TrainguardError
 from trainguard.launch import (
     JobSpec,
     JobTable,
     RetryPolicy,
-    format_duration,
     launch,
     parse_duration,
 )
@@ -187,7 +186,7 @@ def _local_preflight(spec: JobSpec, root: str, requires: tuple[str, ...]) -> Non
 
 
 def _age(ts: float | None) -> str:
-    return format_duration(time.time() - ts) if ts else "-"
+    return human_duration(time.time() - ts) if ts else "-"
 
 
 def _running(job: dict) -> bool:
@@ -197,7 +196,7 @@ def _running(job: dict) -> bool:
 def _eta(job: dict) -> str:
     if (_running(job) and job.get("speed") and job.get("total")
             and job.get("step") is not None):
-        return format_duration((job["total"] - job["step"]) / job["speed"])
+        return human_duration((job["total"] - job["step"]) / job["speed"])
     return "-"
 
 
@@ -308,7 +307,7 @@ def status_command(job: str, as_json: bool) -> None:
     click.echo(f"  script   {row['script']}\n  run dir  {row['run_dir']}\n"
                f"  message  {row.get('message') or '-'}\n  logs     {table.job_dir(job_id)}")
     for a in attempts:
-        took = format_duration((a.ended or time.time()) - a.started)
+        took = human_duration((a.ended or time.time()) - a.started)
         ended = _exit_text(a.exit_code)
         ended = a.reason if a.reason and ended in a.reason else f"{ended} ({a.reason or 'running'})"
         click.echo(f"  attempt {a.n}: {time.strftime('%H:%M:%S', time.localtime(a.started))} "

@@ -109,7 +109,7 @@ def preflight_command(script, backend, requires, root, run_dir, gpu, requirement
     if data_dir is not None:
         from dataclasses import replace
 
-        from trainguard.data import DataGate
+        from trainguard.data_manifest import DataGate
 
         try:
             gate = DataGate(data_dir, stats=data_stats, require=data_require,

@@ -36,9 +36,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import trainguard
+from trainguard._units import human_duration
 from trainguard.errors import ModalConfigError
 from trainguard.launch.modal_entry import torchrun_argv
-from trainguard.launch.spec import JobSpec, format_duration
+from trainguard.launch.spec import JobSpec
 from trainguard.preflight import ImportClosure, import_closure
 
 #: Where the volume is mounted in the container; run dirs live under it.
@@ -119,7 +120,7 @@ def validate_timeout(seconds: float | None) -> int:
     if seconds is None:
         return MAX_TIMEOUT
     if not MIN_TIMEOUT <= seconds <= MAX_TIMEOUT:
-        raise ModalConfigError(f"--timeout {format_duration(seconds)}: Modal allows 10s to 24h "
+        raise ModalConfigError(f"--timeout {human_duration(seconds)}: Modal allows 10s to 24h "
                                f"per attempt; use at most 24h (the run resumes from its last "
                                f"commit on the next attempt)")
     return int(seconds)
@@ -617,7 +618,7 @@ def describe(plan: ModalPlan) -> str:
              f"gpu       {plan.gpu or 'none'}  cpu {plan.cpu or 'default'}  "
              f"memory {plan.memory or 'default'} MiB",
              *_describe_processes(plan),
-             f"timeout   {format_duration(plan.timeout)} per attempt",
+             f"timeout   {human_duration(plan.timeout)} per attempt",
              f"retries   {plan.retries['max_retries']} (first after "
              f"{plan.retries['initial_delay']:g}s, x{plan.retries['backoff_coefficient']:g}, "
              f"at most {plan.retries['max_delay']:g}s); preemptions restart the input",

@@ -14,7 +14,12 @@ import sys
 import threading
 from dataclasses import asdict, dataclass, field
 
+from trainguard._units import human_duration
 from trainguard.launch.torchrun import TorchrunConfig, torchrun_command
+
+#: The public name of :func:`trainguard._units.human_duration`, kept where it always was
+#: (``from trainguard.launch import format_duration``).
+format_duration = human_duration
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -41,21 +46,6 @@ def parse_duration(text: str | float | int) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"duration {text!r} must be a non-negative number of seconds")
     return seconds
-
-
-def format_duration(seconds: float | None) -> str:
-    """``5400`` -> ``"1h30m"``; None -> ``"-"``."""
-    if seconds is None:
-        return "-"
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 @dataclass(frozen=True)

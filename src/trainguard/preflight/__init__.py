@@ -13,7 +13,7 @@ any ``✗`` into :class:`~trainguard.errors.PreflightFailed` (exit code 6). The 
 * the store is writable and commits; free disk for >= 2 checkpoints of the expected size;
 * version requirements (``torch==2.2.2``) are met in the target environment;
 * a GPU is visible when one was asked for (local backend);
-* the dataset passes its :class:`~trainguard.data.DataGate` (fresh, non-empty, meets its
+* the dataset passes its :class:`~trainguard.data_manifest.DataGate` (fresh, non-empty, meets its
   requirements), when one is given.
 """
 
@@ -73,7 +73,7 @@ class PreflightTarget:
         store: the store the run writes (None: not checked).
         disk_path: where checkpoints land on this machine (None: not checked).
         checkpoint_bytes: the expected size of one checkpoint (0: not checked).
-        data_gate: a :class:`~trainguard.data.DataGate` the dataset must pass (None: none).
+        data_gate: a :class:`~trainguard.data_manifest.DataGate` the dataset must pass (None: none).
         shipped: top-level modules the target gets as shipped source rather than as
             packages (on Modal: trainguard itself).
         files: container paths the launch ships (Modal), for the relative-path warning.

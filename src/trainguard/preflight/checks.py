@@ -346,7 +346,7 @@ def python_tag() -> str:
 
 
 def check_data(gate) -> CheckResult:
-    """The dataset passes its :class:`~trainguard.data.DataGate` (fresh, non-empty,
+    """The dataset passes its :class:`~trainguard.data_manifest.DataGate` (fresh, non-empty,
     requirements met); a stale manifest is rebuilt first, as the Run would."""
     from trainguard.errors import DataGateFailed
 

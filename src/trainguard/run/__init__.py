@@ -15,7 +15,7 @@ from trainguard._lazy import lazy_exports
 __getattr__, __dir__ = lazy_exports(__name__, globals(), {
     "trainguard.errors": ("EXIT_RESUME", "DataCheckFailed", "NonFiniteLoss", "Preempted"),
     "trainguard.run.config": ("RunConfig",),
-    "trainguard.run.data": ("ResumableLoader", "ResumableSampler"),
+    "trainguard.run.resumable_loader": ("ResumableLoader", "ResumableSampler"),
     "trainguard.run.guards": ("DataCheck", "MicroBatcher", "expect_all", "expect_any",
                               "expect_mean"),
     "trainguard.run.heartbeat": ("HEARTBEAT_FILE", "HeartbeatRecord", "read_heartbeat"),
@@ -26,10 +26,10 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), {
 if TYPE_CHECKING:
     from trainguard.errors import EXIT_RESUME, DataCheckFailed, NonFiniteLoss, Preempted
     from trainguard.run.config import RunConfig
-    from trainguard.run.data import ResumableLoader, ResumableSampler
     from trainguard.run.guards import DataCheck, MicroBatcher, expect_all, expect_any, expect_mean
     from trainguard.run.heartbeat import HEARTBEAT_FILE, HeartbeatRecord, read_heartbeat
     from trainguard.run.metrics import METRICS_FILE
+    from trainguard.run.resumable_loader import ResumableLoader, ResumableSampler
     from trainguard.run.run import Phase, Run
 
 __all__ = [

@@ -71,8 +71,9 @@ class BestCheckpoint:
             raise ValueError(f"restore_best(objects=...): {unknown or 'nothing'} to restore; "
                              f"tracked: {', '.join(n for n in self.state if n != RUN_KEY)}")
         s.commits.wait()
-        if self._done > s.commits.last_saved and parameters_finite(self.state):
-            self._save(self._done, "exit", wait=True)
+        done = self._cycle.done
+        if done > s.commits.last_saved and parameters_finite(self.state):
+            self._save(done, "exit", wait=True)
         info = best_of(s.manager.list(), metric, mode)
         if info is None:
             log.warning("restore_best: no checkpoint in %s has %r: the objects keep their "

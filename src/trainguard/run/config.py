@@ -86,7 +86,7 @@ class RunConfig:
         capture_rng: save and restore the python/numpy/torch/CUDA RNG streams.
         mirror: a second, remote tier (``"s3://bucket/runs/x"``): each committed
             checkpoint is uploaded in the background; resume takes the newest of both.
-        data_gate: a :class:`~trainguard.data.DataGate` checked when the Run opens,
+        data_gate: a :class:`~trainguard.data_manifest.DataGate` checked when the Run opens,
             before any step: empty, stale or failing data stops the run at once.
     """
 
@@ -143,7 +143,7 @@ class RunConfig:
             raise TypeError(f"tensorboard must be True, False or None (when installed), "
                             f"got {self.tensorboard!r}")
         if self.data_gate is not None and not callable(getattr(self.data_gate, "check", None)):
-            raise TypeError(f"data_gate must be a trainguard.data.DataGate, got "
+            raise TypeError(f"data_gate must be a trainguard.DataGate, got "
                             f"{self.data_gate!r}")
         if not (self.wandb is None or isinstance(self.wandb, (bool, Mapping))):
             raise TypeError(f"wandb must be True, False, None or a dict of wandb.init "

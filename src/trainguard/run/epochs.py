@@ -159,8 +159,9 @@ class EpochLoop:
 
     def _epoch_loop(self, s: Any, start: int, stop: int) -> Iterator[int]:
         position = self._epoch
+        self._settle_left_step()  # a run.steps() loop before it was left with `break`
         self._epochs_active, self.total = True, None
-        s.metrics.begin(self._done, None, self._counters.samples)
+        s.metrics.begin(self._cycle.done, None, self._counters.samples)
         s.commits.restart_timer()
         while start + position.epochs < stop:
             if self.preempted:
@@ -189,22 +190,20 @@ class EpochLoop:
         position.rng = RNGState().state_dict() if self.config.capture_rng else None
 
     def _leave_epoch(self, s: Any, epoch: int, last: bool) -> None:
-        if self._in_step:  # run.batches() was left with `break`: that step is done
-            if self._nonfinite is None:
-                self._complete(self._current)
-            self._in_step = False
+        self._settle_left_step()  # run.batches() was left with `break`
+        done = self._cycle.done
         self._epoch.next_epoch()
-        s.metrics.event("epoch", self._done, epoch=epoch)
-        if self._done > s.commits.last_saved:
+        s.metrics.event("epoch", done, epoch=epoch)
+        if done > s.commits.last_saved:
             if parameters_finite(self.state):
-                self._save(self._done, "final" if last else "epoch", wait=last)
+                self._save(done, "final" if last else "epoch", wait=last)
             else:
                 log.error("not saving the end of epoch %d (step %d): the model's parameters "
-                          "hold NaN/inf", epoch, self._done)
+                          "hold NaN/inf", epoch, done)
         else:
             # This step is saved already (an unsized epoch's last batch hit the cadence):
             # the epoch-end results are committed with the next save instead.
-            log.debug("end of epoch %d: step %d is saved already", epoch, self._done)
+            log.debug("end of epoch %d: step %d is saved already", epoch, done)
 
     # -- batches -------------------------------------------------------------------------
 
@@ -261,10 +260,10 @@ class EpochLoop:
 
     def _batch_loop(self, source: _Source) -> Iterator[Any]:
         s = self._open("batches()")
-        position, epochs = self._epoch, self._epoch.epochs
+        position, epochs, cycle = self._epoch, self._epoch.epochs, self._cycle
         if source.length is not None and self._epoch_range is not None:  # for the ETA
             first, stop = self._epoch_range
-            s.metrics.total = self._done + source.length * (stop - first) - position.batch
+            s.metrics.total = cycle.done + source.length * (stop - first) - position.batch
         if position.exhausted or (source.length is not None
                                   and position.batch >= source.length):
             self._apply_rng()  # the end work starts from the streams of the last step
@@ -284,21 +283,21 @@ class EpochLoop:
                 position.exhausted = True
                 return
             position.batch += 1
-            if self._done + 1 in self._counters.skip_steps and skipped != self._done + 1:
-                skipped = self._done + 1  # its batch blew up before a rollback: drop it once
+            if cycle.done + 1 in self._counters.skip_steps and skipped != cycle.done + 1:
+                skipped = cycle.done + 1  # its batch blew up before a rollback: drop it once
                 self._on_skip(skipped)
                 continue
-            step = self._begin(s, self._done + 1)
+            step = self._begin(s, cycle.done + 1)
             for check in self._checks:
                 check.update(batch)
-            self._batch_samples = _length_or_zero(batch)
+            cycle.count_samples(_length_or_zero(batch))
             yield batch
             last = source.length is not None and position.batch >= source.length
             if last:  # end the epoch now (no fetch, no RNG draw) so the source rolls over
                 ahead = next(it, _END)
                 position.exhausted = ahead is _END
             self._end(s, step, defer=last)
-            if self._done < step:  # rolled back: continue from the restored position
+            if cycle.done < step:  # rolled back: continue from the restored position
                 self._check_same_epoch(step, epochs)
                 it, ahead = None, _END
                 if position.exhausted:
@@ -308,7 +307,7 @@ class EpochLoop:
         if self._epoch.epochs != epochs:
             raise NonFiniteLoss(
                 f"a non-finite value at step {step} rolled the run back to step "
-                f"{self._done}, in an earlier epoch, whose end work cannot be redone from "
+                f"{self._cycle.done}, in an earlier epoch, whose end work cannot be redone from "
                 f"inside this one; lower the learning rate or clip gradients")
 
     # -- values carried between steps ----------------------------------------------------

@@ -33,20 +33,13 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from trainguard._units import human_duration
+
 log = logging.getLogger("trainguard.run")
 
 HEARTBEAT_FILE = "heartbeat.json"
 HEARTBEAT_VERSION = 1
 TRAIN = "train"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 @dataclass(frozen=True)
@@ -198,14 +191,14 @@ class Heartbeat:
                 count = f" {done}/{total}" if total else f" {done}"
                 if total:
                     count += f" ({100 * done / total:.0f}%)"
-            line = (f"{doc['phase']}:{count} running {_duration(now - doc['phase_started'])} "
-                    f"at {where}")
+            running = human_duration(now - doc["phase_started"])
+            line = f"{doc['phase']}:{count} running {running} at {where}"
             if stuck:
-                line += f", no progress for {_duration(idle)}"
+                line += f", no progress for {human_duration(idle)}"
             (log.warning if stuck else log.info)("%s", line)
         elif stuck:
             log.warning("no progress for %s (phase %s at %s): is a step hung?",
-                        _duration(idle), doc["phase"], where)
+                        human_duration(idle), doc["phase"], where)
 
     def start(self) -> None:
         """Write once, then start the background writer."""

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_in
 
 from trainguard.checkpoint.tree import is_stateful
 from trainguard.errors import StateMismatch
-from trainguard.run.data import mix_seed
+from trainguard.run.resumable_loader import mix_seed
 
 log = logging.getLogger("trainguard.run")
 
@@ -233,7 +233,8 @@ class DataLoaderPosition:
     def _materialize(self) -> list:
         """The epoch's indices, from its seed and its samplers' state at its start."""
         samplers = self._randomness()
-        for sampler, state in zip(samplers, self._sampler_states or []):
+        # No states recorded (None) means nothing to set back: zip stops at the shorter.
+        for sampler, state in zip(samplers, self._sampler_states or [], strict=False):
             if state is None:
                 continue
             if is_stateful(sampler):

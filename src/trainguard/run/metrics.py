@@ -30,6 +30,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from trainguard._units import human_duration
+
 log = logging.getLogger("trainguard.run")
 
 METRICS_FILE = "metrics.jsonl"
@@ -103,18 +105,6 @@ def fmt_rate(value: float) -> str:
     if value >= 100:
         return f"{value:.0f}"
     return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-
-
-def fmt_seconds(seconds: float | None) -> str:
-    """``3725`` -> ``1h02m``; ``75`` -> ``1m15s``."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def gpu_memory() -> dict[str, int]:
@@ -289,7 +279,7 @@ class MetricsLogger:
         if record.get("samples_per_s") is not None:
             parts.append(f"{fmt_rate(record['samples_per_s'])} samples/s")
         if record.get("eta_s") is not None:
-            parts.append(f"eta {fmt_seconds(record['eta_s'])}")
+            parts.append(f"eta {human_duration(record['eta_s'])}")
         if "gpu_mem_allocated" in record:
             gib = 1 << 30
             parts.append(f"gpu {record['gpu_mem_allocated'] / gib:.2f}/"

@@ -38,14 +38,15 @@ from typing import Any
 
 import torch
 
+from trainguard._units import human_duration
 from trainguard.checkpoint import CheckpointInfo, CheckpointManager
 from trainguard.checkpoint.tree import is_stateful
 from trainguard.errors import CheckpointNotFound
 from trainguard.run.best import BestCheckpoint
 from trainguard.run.committer import parameters_finite
 from trainguard.run.config import EXIT_RESUME, RunConfig
-from trainguard.run.data import BatchFeed
 from trainguard.run.epochs import EpochLoop, EpochPosition
+from trainguard.run.feed import BatchFeed
 from trainguard.run.guards import (
     DataCheckFailed,
     MicroBatcher,
@@ -55,10 +56,11 @@ from trainguard.run.guards import (
 )
 from trainguard.run.heartbeat import TRAIN, Phase
 from trainguard.run.loaders import DataLoaderPosition
-from trainguard.run.metrics import RESERVED, fmt_seconds, open_sinks, to_number
+from trainguard.run.metrics import RESERVED, open_sinks, to_number
 from trainguard.run.session import Session
 from trainguard.run.signals import Preempted
 from trainguard.run.state import RUN_KEY, RunCounters, build_state
+from trainguard.run.step_cycle import StepCycle
 
 log = logging.getLogger("trainguard.run")
 RUN_DIR_ENV = "TRAINGUARD_RUN_DIR"
@@ -123,21 +125,14 @@ class Run(EpochLoop, BestCheckpoint):
         self.total: int | None = None
         #: 0, or EXIT_RESUME once a preemption save committed.
         self.exit_code = 0
-        self._done = 0  # last completed step
-        self._current = 0  # step whose body runs (while _in_step)
-        self._in_step = False
-        self._prepared = False  # the manager's snapshot memory reserved (after step 1)
-        self._step_values: dict[str, float] = {}
-        self._nonfinite: float | None = None
-        self._phase_ran = False
-        self._batch_samples = 0
+        self._cycle = StepCycle()  # the step counter and what the running step recorded
 
     # -- properties ------------------------------------------------------------------------
 
     @property
     def step(self) -> int:
         """The step being run inside the loop body, else the last completed step."""
-        return self._current if self._in_step else self._done
+        return self._cycle.step
 
     @property
     def state(self) -> dict:
@@ -195,7 +190,8 @@ class Run(EpochLoop, BestCheckpoint):
         finally:
             session, self._s = self._s, None
             if session is not None:
-                session.close(status, self._done, self.exit_code)
+                session.close(status, self._cycle.done, self.exit_code)
+            self._cycle.close()
             free_memory()  # drop what the loop left behind: CUDA cache, reference cycles
         return False  # never swallow: the original exception propagates with its traceback
 
@@ -204,16 +200,16 @@ class Run(EpochLoop, BestCheckpoint):
         if isinstance(exc, Preempted):
             return "preempted"
         if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
-            if self._in_step and self._nonfinite is None:  # left with `break`: step done
-                self._complete(self._current)
+            self._settle_left_step()
             s.commits.wait()
-            if self._state is not None and self._done > s.commits.last_saved:
+            done = self._cycle.done
+            if self._state is not None and done > s.commits.last_saved:
                 if parameters_finite(self.state):
-                    done = self.total is not None and self._done >= self.total
-                    self._save(self._done, "final" if done else "exit", wait=True)
+                    ended = self.total is not None and done >= self.total
+                    self._save(done, "final" if ended else "exit", wait=True)
                 else:
                     log.error("not saving step %d at exit: the model's parameters hold "
-                              "NaN/inf", self._done)
+                              "NaN/inf", done)
             s.signals.committed()
             return "preempted" if self.exit_code == EXIT_RESUME else "finished"
         if isinstance(exc, KeyboardInterrupt):
@@ -223,7 +219,7 @@ class Run(EpochLoop, BestCheckpoint):
             log.error("%s: not saving (the state is not worth resuming from)",
                       type(exc).__name__)
         elif self._state is not None:
-            s.commits.save_error(exc, self._state, self._done, self.step)
+            s.commits.save_error(exc, self._state, self._cycle.done, self.step)
         return "failed"
 
     def _open(self, what: str) -> Session:
@@ -291,8 +287,8 @@ class Run(EpochLoop, BestCheckpoint):
                     log.info("no checkpoint in %s: fresh start", url)
             else:
                 source = self._describe_checkpoint(mgr, step)
-        self._counters.step = step
-        self.start_step = self._done = self._current = step
+        self._counters.step = self.start_step = step
+        self._cycle.start_at(step)
         s.commits.reset(step)
         s.heartbeat.progress(step)
         s.metrics.event("resume" if source else "start", step, source=source)
@@ -300,7 +296,7 @@ class Run(EpochLoop, BestCheckpoint):
     def _describe_checkpoint(self, mgr: CheckpointManager, step: int) -> str:
         info: CheckpointInfo | None = next((i for i in mgr.list() if i.step == step), None)
         where = f"{mgr.store.url}/{info.key}" if info else mgr.store.url
-        age = fmt_seconds(self._wall() - info.created_at) if info else "?"
+        age = human_duration(self._wall() - info.created_at) if info else "?"
         log.info("resumed at step %d from %s (%s checkpoint, saved %s ago)", step, where,
                  info.reason if info else "?", age)
         return where
@@ -347,32 +343,33 @@ class Run(EpochLoop, BestCheckpoint):
         return self._loop(s, total, data, batch_size)
 
     def _loop(self, s: Session, total: int, data: Any, batch_size: int | None) -> Iterator:
-        if self._in_step:  # a previous loop was left with `break`
-            self._complete(self._current)
+        if self._cycle.in_step:  # a previous loop was left with `break`
+            self._complete()
         self._feed = None if data is None else BatchFeed(
             data, self._checks, skip=lambda step: step in self._counters.skip_steps,
             on_skip=self._on_skip)
-        s.metrics.begin(self._done, total, self._counters.samples)
+        cycle = self._cycle
+        s.metrics.begin(cycle.done, total, self._counters.samples)
         s.commits.restart_timer()
-        s.heartbeat.progress(self._done, total)
+        s.heartbeat.progress(cycle.done, total)
         s.heartbeat.write_now()  # launchers see the (resumed) step and the total at once
-        if self._done >= total:
-            log.info("step %d already reaches total %d: nothing to train", self._done, total)
+        if cycle.done >= total:
+            log.info("step %d already reaches total %d: nothing to train", cycle.done, total)
         while True:
             if self.preempted:
                 self._stop_for_preemption(s)
                 return
-            if self._done >= total:
+            if cycle.done >= total:
                 return
             if self._feed is not None and self._rng_pending():
                 self._feed.prime()
-            step = self._begin(s, self._done + 1)
+            step = self._begin(s, cycle.done + 1)
             if self._feed is None:
-                self._batch_samples = batch_size or 0
+                cycle.count_samples(batch_size or 0)
                 yield step
             else:
                 batch = self._feed.next(step, total)
-                self._batch_samples = batch_size or _length_or_zero(batch)
+                cycle.count_samples(batch_size or _length_or_zero(batch))
                 yield step, batch
             self._end(s, step)
 
@@ -388,39 +385,46 @@ class Run(EpochLoop, BestCheckpoint):
 
     def _begin(self, s: Session, step: int) -> int:
         self._apply_rng()  # before the step's batch is fetched (steps(data=...) fetches next)
-        self._current, self._in_step = step, True
-        self._step_values, self._nonfinite, self._phase_ran = {}, None, False
+        self._cycle.begin(step)
         if s.heartbeat.snapshot()["phase"] != TRAIN:
             s.heartbeat.set_phase(TRAIN)
         return step
 
-    def _complete(self, step: int) -> None:
-        """Count ``step`` as done (its body finished)."""
-        self._in_step = False
-        self._done = self._counters.step = step
-        self._counters.samples += self._batch_samples
+    def _complete(self) -> None:
+        """Count the running step as done (its body finished)."""
+        step = self._counters.step = self._cycle.complete()
+        self._counters.samples += self._cycle.samples
         self._open("steps()").heartbeat.progress(step)
+
+    def _settle_left_step(self) -> None:
+        """A loop body left with ``break`` ended its step there: it counts as done,
+        unless it logged a non-finite value (then nothing of it does)."""
+        if self._cycle.in_step:
+            if self._cycle.nonfinite is None:
+                self._complete()
+            else:
+                self._cycle.abandon()
 
     def _end(self, s: Session, step: int, defer: bool = False) -> None:
         # After a preemption signal the loop's next turn saves, as "preempted". `defer`:
         # an epoch's last step, whose save is the epoch end's (one checkpoint per step).
         reason = None if self.preempted or defer else s.commits.due(step, self.total)
-        if self._nonfinite is not None:
-            self._rollback(s, step, f"{self.config.nonfinite_metric} is {self._nonfinite}")
+        if self._cycle.nonfinite is not None:
+            self._rollback(s, step, f"{self.config.nonfinite_metric} is {self._cycle.nonfinite}")
             return
         if (reason is not None and self.config.nonfinite_metric is not None
                 and not parameters_finite(self.state)):  # never commit a NaN model
             self._rollback(s, step, "the model's parameters hold NaN/inf")
             return
-        self._complete(step)
-        if not self._prepared:
+        self._complete()
+        if self._cycle.claim_first_end():
             # After a first step the optimizer's moments exist: reserve the snapshot memory
             # for the whole state now, in the background, not inside the first save.
-            self._prepared = True
             if reason is None:
                 s.manager.prepare(self.state)
         s.heartbeat.ensure_running()
-        if step % self.config.log_every_steps == 0 or step == self.total or self._phase_ran:
+        if (step % self.config.log_every_steps == 0 or step == self.total
+                or self._cycle.phase_ran):
             s.metrics.line(step, self._counters.samples)
         s.commits.poll()
         if reason is not None:
@@ -431,7 +435,7 @@ class Run(EpochLoop, BestCheckpoint):
     def _save(self, step: int, reason: str, tags: dict[str, str] | None = None,
               wait: bool = False) -> None:
         # Only values logged during this very step describe its checkpoint (keep_best).
-        metrics = self._step_values if self._current == step else {}
+        metrics = self._cycle.values_for(step)
         self._open("save").commits.save(step, self.state, reason, metrics=metrics, tags=tags,
                                         wait=wait)
 
@@ -440,15 +444,13 @@ class Run(EpochLoop, BestCheckpoint):
         self._open("request_save()").commits.requested = True
 
     def _stop_for_preemption(self, s: Session) -> None:
-        signals = s.signals
+        signals, done = s.signals, self._cycle.done
         s.commits.wait()  # a save in flight: its commit counts (or, failed, is redone)
-        if self._done > s.commits.last_saved:
+        if done > s.commits.last_saved:
             if parameters_finite(self.state):
-                self._save(self._done, "preempted", tags={"signal": signals.signal_name},
-                           wait=True)
+                self._save(done, "preempted", tags={"signal": signals.signal_name}, wait=True)
             else:
-                log.error("not saving step %d: the model's parameters hold NaN/inf",
-                          self._done)
+                log.error("not saving step %d: the model's parameters hold NaN/inf", done)
         signals.committed()
         elapsed, step = signals.elapsed(), s.commits.last_committed
         late = elapsed > signals.deadline
@@ -485,8 +487,7 @@ class Run(EpochLoop, BestCheckpoint):
         # learned, so the bound holds and the bad batch stays skipped.
         self._counters.skip_steps, self._counters.rollbacks = skip, used + 1
         self._counters.step = restored
-        self._in_step = False
-        self._done = self._current = restored
+        self._cycle.roll_back(restored)
         s.commits.reset(restored)
         if self._feed is not None:
             self._feed.reset()  # the data position was restored: iterate from there
@@ -564,12 +565,12 @@ class Run(EpochLoop, BestCheckpoint):
             converted[name] = to_number(name, value)
         metric = self.config.nonfinite_metric
         if metric in converted and not math.isfinite(converted[metric]):
-            self._nonfinite = converted[metric]
+            self._cycle.mark_nonfinite(converted[metric])
         s.metrics.add(converted)
-        if self._in_step or self._epochs_active:  # epoch-end values: the epoch's checkpoint
-            self._step_values.update(converted)
-        if not self._in_step:
-            s.metrics.line(self._done, self._counters.samples)
+        if self._cycle.in_step or self._epochs_active:  # epoch-end values: the epoch's save
+            self._cycle.record(converted)
+        if not self._cycle.in_step:
+            s.metrics.line(self._cycle.done, self._counters.samples)
 
     @contextmanager
     def phase(self, name: str, total: int | None = None) -> Iterator[Phase]:
@@ -589,7 +590,7 @@ class Run(EpochLoop, BestCheckpoint):
             raise ValueError(f"phase total must be an int >= 0 or None, got {total!r}")
         handle = Phase(heartbeat, name, total)
         previous = heartbeat.set_phase(name, total)
-        self._phase_ran = True  # this step's metrics line is written (validation results)
+        self._cycle.note_phase()  # this step's metrics line is written (validation results)
         started = self._clock()
         try:
             yield handle
@@ -597,7 +598,7 @@ class Run(EpochLoop, BestCheckpoint):
             heartbeat.set_phase(previous)
             took = self._clock() - started
             if took >= self.config.progress_every_seconds:  # it had progress lines: close them
-                log.info("%s: done in %s at step %d", name, fmt_seconds(took), self.step)
+                log.info("%s: done in %s at step %d", name, human_duration(took), self.step)
 
     def _describe(self) -> str:
         phase = self._s.heartbeat.snapshot()["phase"] if self._s and self._s.heartbeat else "?"

@@ -9,7 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from trainguard.cli import cli
-from trainguard.data import FORCE_ENV, DataGate, DataManifest, build, check_requirements, validate
+from trainguard.data_manifest import (
+    FORCE_ENV,
+    DataGate,
+    DataManifest,
+    build,
+    check_requirements,
+    validate,
+)
 from trainguard.errors import DataGateFailed
 
 
@@ -92,7 +99,7 @@ def test_bad_requirements_are_refused(bad):
 def test_cli_build_check_scan(tmp_path):
     root = _cache(tmp_path, [[0, 0], [0]])
     runner = CliRunner()
-    spec = "tests.unit.test_data:count_positive"
+    spec = "tests.unit.test_data_manifest:count_positive"
     built = runner.invoke(cli, ["data", "build", root, "--pattern", "*.json", "--stats", spec])
     assert built.exit_code == 0, built.output
     assert "windows 3" in " ".join(built.output.split())

@@ -7,7 +7,6 @@ import torch
 
 from trainguard.errors import StateMismatch
 from trainguard.run import ResumableLoader, ResumableSampler
-from trainguard.run.data import BatchFeed
 
 
 def batches(loader: ResumableLoader, n: int) -> list[list[int]]:
@@ -111,10 +110,3 @@ def test_bad_arguments_name_the_fix():
         ResumableSampler(0)
     with pytest.raises(TypeError, match="len"):
         ResumableSampler(object())
-
-
-def test_batch_feed_crosses_epochs_and_refuses_empty_data():
-    feed = BatchFeed([1, 2, 3], checks=[], skip=lambda step: step == 2, on_skip=lambda s: None)
-    assert [feed.next(step, 10) for step in range(1, 5)] == [1, 3, 1, 2]
-    with pytest.raises(ValueError, match="no batch"):
-        BatchFeed([], checks=[], skip=lambda s: False, on_skip=None).next(1, 10)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from trainguard import data
+from trainguard.data_manifest import DataManifest, build, check_requirements, no_data, validate
 from trainguard.errors import DataGateFailed
 
 
-def _print_totals(manifest: data.DataManifest) -> None:
+def _print_totals(manifest: DataManifest) -> None:
     for name, value in sorted(manifest.totals.items()):
         click.echo(f"  {name:>14} {value:g}")
 
@@ -32,7 +32,7 @@ def data_group() -> None:
 def build_command(directory: str, pattern: str, stats: str | None, hashed: bool) -> None:
     """Scan DIRECTORY and write its manifest (.trainguard-data.json)."""
     try:
-        manifest = data.build(directory, pattern=pattern, stats=stats, hashed=hashed,
+        manifest = build(directory, pattern=pattern, stats=stats, hashed=hashed,
                               progress=_progress)
     except (FileNotFoundError, ValueError) as exc:
         raise DataGateFailed(str(exc)) from exc
@@ -44,12 +44,12 @@ def build_command(directory: str, pattern: str, stats: str | None, hashed: bool)
 @click.argument("directory", type=click.Path(file_okay=False))
 def scan_command(directory: str) -> None:
     """Recompute DIRECTORY's manifest with the options it was built with; show changes."""
-    old = data.DataManifest.load(directory)
+    old = DataManifest.load(directory)
     if old is None:
         raise DataGateFailed(f"{directory} has no data manifest; run "
                              f"`trainguard data build {directory}` first")
-    problems = data.validate(old, directory)
-    new = data.build(directory, pattern=old.pattern, stats=old.stats_fn, hashed=old.hashed,
+    problems = validate(old, directory)
+    new = build(directory, pattern=old.pattern, stats=old.stats_fn, hashed=old.hashed,
                      progress=_progress)
     click.echo(f"{len(problems)} change(s) since the last build" + (":" if problems else ""))
     for problem in problems:
@@ -66,19 +66,20 @@ def check_command(directory: str, requirements: tuple[str, ...]) -> None:
 
     Does not rebuild: a stale manifest fails, naming what changed.
     """
-    manifest = data.DataManifest.load(directory)
+    manifest = DataManifest.load(directory)
     if manifest is None:
         raise DataGateFailed(f"{directory} has no data manifest; run "
                              f"`trainguard data build {directory}` first")
-    problems = data.validate(manifest, directory)
-    if data.no_data(problems):
+    problems = validate(manifest, directory)
+    if no_data(problems):
         raise DataGateFailed(problems[-1])
     if problems:
-        shown = "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        shown = "; ".join(problems[:5]) + more
         raise DataGateFailed(f"data manifest of {directory} is stale: {shown}. "
                              f"Rebuild it with `trainguard data build {directory}`")
     try:
-        failed = data.check_requirements(manifest.totals, requirements)
+        failed = check_requirements(manifest.totals, requirements)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     _print_totals(manifest)
