@@ -88,7 +88,7 @@ def train_epochs(run_dir, *, stop_epoch=None, stop_batch=None, signal_at=None):
                 model.zero_grad()
                 loss.backward()
                 with torch.no_grad():
-                    for p, v in zip(model.parameters(), velocity):
+                    for p, v in zip(model.parameters(), velocity, strict=True):
                         p.sub_(v.mul_(0.9).add_(p.grad), alpha=args.lr)
                 run.carry(velocity=velocity)
                 if (epoch, i) == signal_at:
@@ -110,7 +110,8 @@ def train_epochs(run_dir, *, stop_epoch=None, stop_batch=None, signal_at=None):
 
 
 def assert_same(model, args, reference, reference_args):
-    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values(),
+                    strict=True):
         assert torch.equal(a, b)
     assert vars(args) == vars(reference_args)
     assert args.validations == 4  # epoch-end work counted once per epoch
@@ -213,7 +214,7 @@ def test_a_nonfinite_loss_in_batches_rolls_back_inside_the_epoch(tmp_path):
     with Run(tmp_path, save_every_steps=2, **FAST) as run:
         run.track(model=model)
         for _epoch in run.epochs(1):
-            for i, offset in run.enumerate(range(0, 60, 10)):
+            for _i, offset in run.enumerate(range(0, 60, 10)):
                 seen.append(offset)
                 bad = offset == 30 and not failed
                 failed = failed or bad

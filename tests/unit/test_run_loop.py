@@ -65,7 +65,7 @@ def test_fresh_start_then_resume_continues_after_the_restored_step(tmp_path):
     with Run(tmp_path, save_every_steps=4, **FAST) as run:
         assert run.track(model=other, optimizer=other_opt) == 6
         assert torch.equal(other.weight, model.weight)
-        assert [step for step in run.steps(9)] == [7, 8, 9]
+        assert list(run.steps(9)) == [7, 8, 9]
     assert saved(tmp_path)[-2:] == [(8, "periodic"), (9, "final")]
     assert [e["step"] for e in events(tmp_path, "resume")] == [6]
 

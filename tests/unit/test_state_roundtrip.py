@@ -67,13 +67,14 @@ def test_training_continues_identically_after_restore(tmp_path):
 
     model, opt, sched = setup()
     train_steps(model, opt, sched, steps=3, seed=1)
-    CheckpointManager(tmp_path).save(3, {"model": model, "optimizer": opt, "scheduler": sched}).wait()
+    state = {"model": model, "optimizer": opt, "scheduler": sched}
+    CheckpointManager(tmp_path).save(3, state).wait()
     train_steps(model, opt, sched, steps=3, seed=2)
 
     model2, opt2, sched2 = setup()
     CheckpointManager(tmp_path).restore({"model": model2, "optimizer": opt2, "scheduler": sched2})
     train_steps(model2, opt2, sched2, steps=3, seed=2)
-    for a, b in zip(model.parameters(), model2.parameters()):
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -116,7 +117,8 @@ def test_nested_values_dtypes_and_counters(tmp_path):
     for key in ["bf16", "f16", "i64", "bool", "u8", "scalar", "empty", "noncontig"]:
         assert got[key].dtype == extra[key].dtype and torch.equal(got[key], extra[key]), key
     assert got["np"].dtype == np.uint32 and np.array_equal(got["np"], extra["np"])
-    assert got["list"][:5] == [1, 2.5, "s", None, True] and torch.equal(got["list"][5][0], torch.ones(2))
+    assert got["list"][:5] == [1, 2.5, "s", None, True]
+    assert torch.equal(got["list"][5][0], torch.ones(2))
     assert got["tuple"] == (1, (2, 3))
     assert got["int_keys"] == {0: "a", 1: {"b": 2}}
     assert got["dtype"] is torch.float16 and got["bytes"] == b"\x00\xff"
