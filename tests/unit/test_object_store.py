@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import torch
 
-from tests.unit.store_conformance import StoreConformance
 from trainguard import CheckpointManager
 from trainguard.store import open_store
+from trainguard.store.base import ExclusiveCreate, Lockable, Retrying
 from trainguard.store.object import ObjectStore
+from trainguard.testing.store_conformance import StoreConformance
 
 
 class TestObjectStore(StoreConformance):
+    claims = (ExclusiveCreate, Lockable, Retrying)
+
     @pytest.fixture
-    def store(self, s3_env):
-        return ObjectStore(f"s3://{s3_env}/runs/exp")
+    def store(self, s3_env, monkeypatch):
+        # A second writer is refused once it sees the holder renew (every ttl / 4); a ttl
+        # of 8 s refuses within 2 s and lets the holder's renewal run 6 s late (a loaded
+        # machine) before a newcomer would take the lease over.
+        monkeypatch.setenv("TRAINGUARD_LEASE_TTL", "8")
+        # A prefix of its own: buckets are named after the test and may be reused.
+        return ObjectStore(f"s3://{s3_env}/runs/{uuid.uuid4().hex}")
+
+    @pytest.fixture
+    def second_view(self, store):
+        return ObjectStore(store.url)  # another client, as another process would open
 
 
 def test_open_store_routes_urls(s3_env):
@@ -50,7 +64,8 @@ def test_cli_takes_store_urls(s3_env):
     mgr.close()
     runner = CliRunner()
     listed = runner.invoke(cli, ["ls", url])
-    assert listed.exit_code == 0 and [l.split()[0] for l in listed.output.splitlines()[1:]] == ["1", "2", "3"]
+    assert listed.exit_code == 0
+    assert [line.split()[0] for line in listed.output.splitlines()[1:]] == ["1", "2", "3"]
     assert runner.invoke(cli, ["verify", url]).exit_code == 0
     gc = runner.invoke(cli, ["gc", url, "--keep-last", "1"])
     assert gc.exit_code == 0 and "deleted 2" in gc.output

@@ -3,7 +3,8 @@
 Keys are ``/``-separated relative paths (``checkpoints/step-000000100/manifest.json``).
 They are strings, not :class:`pathlib.Path`, so that later backends addressed by URL
 (``s3://bucket/prefix``) are not mangled. Every backend is tested by the same
-conformance suite (``tests/unit/store_conformance.py``).
+conformance suite (:mod:`trainguard.testing.store_conformance`), which checks these
+semantics and the contract of each optional capability a backend offers.
 
 Semantics every backend guarantees:
 
@@ -16,12 +17,12 @@ Semantics every backend guarantees:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 #: Anything ``memoryview()`` accepts: bytes, bytearray, mmap, numpy arrays.
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 #: One buffer, or an iterable of buffers written back to back (a stream).
-Data = Union[Buffer, Iterable[Buffer]]
+Data = Buffer | Iterable[Buffer]
 
 
 def check_key(key: str) -> str:
