@@ -6,12 +6,16 @@ import os
 import tempfile
 
 import pytest
+import torch
+
+# The shipped conformance suite's asserts get pytest's detailed messages (it is imported
+# by the backends' test modules, after this).
+pytest.register_assert_rewrite("trainguard.testing.store_conformance")
 
 # The suite never reads the developer's own Modal profile (modal reads it when first
 # imported): credentials come from each test's environment, as in CI.
 os.environ.setdefault("MODAL_CONFIG_PATH", os.path.join(tempfile.gettempdir(),
                                                         "trainguard-tests-no-modal.toml"))
-import torch
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:

@@ -6,20 +6,27 @@ import os
 
 import pytest
 
-from tests.unit.store_conformance import StoreConformance
 from trainguard.errors import LockHeld, StoreError
 from trainguard.store import LocalStore, open_store
+from trainguard.store.base import ExclusiveCreate, Lockable, TempCleaning
 from trainguard.store.local import TMP_PREFIX
+from trainguard.testing.store_conformance import StoreConformance
 
 
 class TestLocalStore(StoreConformance):
+    claims = (ExclusiveCreate, Lockable, TempCleaning)
+
     @pytest.fixture
     def store(self, tmp_path):
         # Small staging buffers so the O_DIRECT pipeline and tail padding run in the suite.
         return LocalStore(tmp_path / "run", chunk_bytes=1 << 20)
 
+    @pytest.fixture
+    def second_view(self, store):
+        return LocalStore(store.root)  # what another process opens on the same directory
 
-class TestLocalStoreBuffered(StoreConformance):
+
+class TestLocalStoreBuffered(TestLocalStore):
     @pytest.fixture
     def store(self, tmp_path):
         return LocalStore(tmp_path / "run", direct_io=False)

@@ -14,9 +14,87 @@ from trainguard.errors import StoreError
 from trainguard.launch.sync import sync_once
 from trainguard.run import Run
 from trainguard.store import ModalVolumeReader, ModalVolumeStore, open_store
+from trainguard.store.base import ExclusiveCreate, Lockable, Refreshable, TempCleaning
 from trainguard.store.modal_volume import register_mount, unregister_mount
+from trainguard.testing.modal_local.volumes import Volume
+from trainguard.testing.store_conformance import ReadOnlyStoreConformance, StoreConformance
 
 FAST = {"heartbeat_seconds": 3600.0, "tensorboard": False, "wandb": False}
+
+
+class MountedVolume:
+    """``modal.Volume`` as a container sees it, on the local control plane's model of a
+    volume (``testing/modal_local/volumes.py``): this container's view, committed and
+    reloaded with Modal's semantics (others see nothing until a commit and a reload)."""
+
+    def __init__(self, volume: Volume, mount) -> None:
+        self.view = volume.mount(mount)
+        self.commit, self.reload = self.view.commit, self.view.reload
+
+
+class VolumeAPI:
+    """``modal.Volume``'s reading API outside a container (``listdir``/``read_file``) on
+    the model's committed tree, as ``VolumeListFiles``/``VolumeGetFile2`` serve it."""
+
+    def __init__(self, volume: Volume) -> None:
+        self.volume = volume
+
+    def listdir(self, path, recursive=False):
+        return [types.SimpleNamespace(path=name, size=size, mtime=mtime, type=2 if is_dir else 1)
+                for name, is_dir, size, mtime in self.volume.entries(path, recursive)]
+
+    def read_file(self, path):
+        yield self.volume.read(path)
+
+
+@pytest.fixture
+def volume(tmp_path):
+    return Volume("vo-1", "runs", tmp_path / "volume")
+
+
+def volume_store(volume: Volume, mount) -> ModalVolumeStore:
+    """The run directory ``run`` of a container that mounted ``volume`` at ``mount``."""
+    mounted = MountedVolume(volume, mount)
+    return ModalVolumeStore(mounted.view.root / "run", mounted, chunk_bytes=1 << 20)
+
+
+class TestModalVolumeStore(StoreConformance):
+    claims = (ExclusiveCreate, Lockable, Refreshable, TempCleaning)
+
+    @pytest.fixture
+    def store(self, volume, tmp_path):
+        return volume_store(volume, tmp_path / "container-a")
+
+    @pytest.fixture
+    def second_view(self, volume, tmp_path, store):
+        return volume_store(volume, tmp_path / "container-b")  # another container
+
+
+class TestModalVolumeReader(ReadOnlyStoreConformance):
+    claims = (Refreshable,)
+
+    @pytest.fixture
+    def store(self, volume):
+        return ModalVolumeReader("modal://runs/run", volume=VolumeAPI(volume))
+
+    @pytest.fixture
+    def writer(self, volume, tmp_path):
+        return volume_store(volume, tmp_path / "container")
+
+
+def test_a_container_sees_only_what_was_committed(volume, tmp_path):
+    """What the conformance suite cannot say of every store: on a volume, writes are
+    invisible to other containers and to readers until committed."""
+    store = volume_store(volume, tmp_path / "a")
+    other = volume_store(volume, tmp_path / "b")
+    reader = ModalVolumeReader("modal://runs/run", volume=VolumeAPI(volume))
+    store.write("k", b"pending")
+    other.refresh()
+    assert not other.exists("k") and not reader.exists("k")
+    store.commit()
+    assert not other.exists("k")  # its view is stale until it reloads
+    other.refresh()
+    assert bytes(other.read("k")) == b"pending" and bytes(reader.read("k")) == b"pending"
 
 
 class RecordingVolume:

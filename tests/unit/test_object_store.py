@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import torch
 
-from tests.unit.store_conformance import StoreConformance
 from trainguard import CheckpointManager
 from trainguard.errors import RunDirError
 from trainguard.store import open_store
+from trainguard.store.base import ExclusiveCreate, Lockable, Retrying
 from trainguard.store.object import ObjectStore
+from trainguard.testing.store_conformance import StoreConformance
 
 
 class TestObjectStore(StoreConformance):
+    claims = (ExclusiveCreate, Lockable, Retrying)
+
     @pytest.fixture
-    def store(self, s3_env):
-        return ObjectStore(f"s3://{s3_env}/runs/exp")
+    def store(self, s3_env, monkeypatch):
+        # A second writer is refused once it sees the holder renew (every ttl / 4); a ttl
+        # of 8 s refuses within 2 s and lets the holder's renewal run 6 s late (a loaded
+        # machine) before a newcomer would take the lease over.
+        monkeypatch.setenv("TRAINGUARD_LEASE_TTL", "8")
+        # A prefix of its own: buckets are named after the test and may be reused.
+        return ObjectStore(f"s3://{s3_env}/runs/{uuid.uuid4().hex}")
+
+    @pytest.fixture
+    def second_view(self, store):
+        return ObjectStore(store.url)  # another client, as another process would open
 
 
 def test_open_store_routes_urls(s3_env):

@@ -3,7 +3,8 @@
 Keys are ``/``-separated relative paths (``checkpoints/step-000000100/manifest.json``).
 They are strings, not :class:`pathlib.Path`, so that later backends addressed by URL
 (``s3://bucket/prefix``) are not mangled. Every backend is tested by the same
-conformance suite (``tests/unit/store_conformance.py``).
+conformance suite (:mod:`trainguard.testing.store_conformance`), which checks these
+semantics and the contract of each optional capability a backend offers.
 
 Semantics every backend guarantees:
 

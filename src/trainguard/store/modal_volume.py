@@ -140,7 +140,8 @@ class ModalVolumeReader:
     """Read a run directory through the Modal Volume API (``modal://VOLUME/RUN``).
 
     Only committed data is visible through the API, so a checkpoint whose manifest is
-    listed here has been committed. Read-only: writing, deleting and committing raise.
+    listed here has been committed. Read-only: writing and deleting raise, committing does
+    nothing. The last file read is cached until :meth:`refresh`.
 
     Args:
         url: ``modal://VOLUME/PATH``.
@@ -186,22 +187,31 @@ class ModalVolumeReader:
         return sorted(self._entries(prefix))
 
     def exists(self, key: str) -> bool:
-        return key in self._entries(key)
+        return key in self._entries(check_key(key))  # "" would list the whole run
 
     def size(self, key: str) -> int:
-        entries = self._entries(key)
+        entries = self._entries(check_key(key))
         if key not in entries:
             raise FileNotFoundError(f"{self._url}/{key}")
         return entries[key]
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> memoryview:
-        """Read (part of) a committed file; the last file read is cached."""
+        """Read (part of) a committed file; the last file read is cached until
+        :meth:`refresh` (a restore reads one file's ranges from two threads).
+
+        Raises:
+            FileNotFoundError: ``key`` is not committed.
+            ValueError: a malformed key, or a negative offset or length.
+        """
+        path = self._path(key)  # a bad key is the caller's ValueError, not a StoreError
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError(f"bad range offset={offset} length={length} for {key!r}")
         cached = self._cache  # one read of the attribute: restore reads from two threads
         if cached is not None and cached[0] == key:
             data = cached[1]
         else:
             try:
-                data = b"".join(self.volume.read_file(self._path(key)))
+                data = b"".join(self.volume.read_file(path))
             except FileNotFoundError:
                 raise
             except Exception as exc:
@@ -211,6 +221,14 @@ class ModalVolumeReader:
             self._cache = (key, data)
         end = len(data) if length is None else offset + length
         return memoryview(data)[offset:end]
+
+    def refresh(self) -> None:
+        """Forget the cached file: the next read sees what was committed since.
+
+        Listing, ``exists`` and ``size`` always ask the volume; only ``read`` of the file
+        read last can be stale until this is called.
+        """
+        self._cache = None
 
     def write(self, key: str, data: Data) -> int:
         raise StoreError(f"{self._url} is read-only from outside Modal; write to a directory "
