@@ -30,6 +30,12 @@ worker records its own code in ``jobs/<id>/attempt-<n>.exits/`` and an attempt w
 every worker exited ``EXIT_RESUME`` counts as one exit code 75. A mixed outcome (some 75,
 some failed or killed) is a failure; the attempt's reason and log name each worker's code.
 
+Every timeout, hang, stop-grace, budget and retry-delay decision reads the supervisor's
+``clock`` (monotonic), ``wall_clock`` (heartbeats carry Unix times) and ``sleep``, and an
+attempt is started through ``start`` (:func:`start_process`): a test passes a
+:class:`~trainguard.testing.FakeClock`'s methods and a scripted attempt, and the whole
+retry loop runs in no real time.
+
 Run detached as ``python -m trainguard.launch.supervisor JOB_ID``.
 """
 
@@ -43,6 +49,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from trainguard.launch.failures import error_line, retry_cannot_fix, signal_name
 from trainguard.launch.jobs import JobTable
@@ -63,6 +70,42 @@ log = logging.getLogger("trainguard.launch")
 STOP_GRACEFUL, STOP_NOW = 1, 2
 
 
+class AttemptProcess(Protocol):
+    """A running attempt as the supervisor watches it: what :func:`start_process` returns."""
+
+    pid: int
+
+    def poll(self) -> int | None:
+        """The exit code once it has ended (negative: killed by that signal), else None."""
+        ...
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the attempt and every process it started."""
+        ...
+
+
+class _SessionProcess:
+    """An attempt's process, the leader of its own session: a signal goes to its whole
+    process group (torchrun's workers, a script's DataLoader workers)."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self.popen, self.pid = popen, popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def signal(self, sig: int) -> None:
+        _signal_group(self.pid, sig)
+
+
+def start_process(command: list[str], *, cwd: str, env: dict, log: BinaryIO) -> AttemptProcess:
+    """Start one attempt: ``command`` in its own session (a terminal's Ctrl-C or the death
+    of the launcher does not reach it), its stdout and stderr appended to ``log``."""
+    return _SessionProcess(subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True))
+
+
 class Supervisor:
     """Runs and watches the attempts of one job.
 
@@ -75,19 +118,28 @@ class Supervisor:
             or None): at each poll of a running attempt and of a retry's wait, after each
             new message, and once the job has ended. A foreground view streams the
             attempt's log and redraws its status line from it.
+        clock: monotonic seconds: attempt timeouts, stop grace, retry delays, budgets.
+        wall_clock: Unix seconds: the hang clock (heartbeats carry Unix times) and costs.
+        sleep: waits between polls and before retries.
+        start: starts an attempt (:func:`start_process`; a test passes a fake).
 
     Attributes:
         stop_signal: the first SIGINT/SIGTERM this supervisor received (None: none).
     """
 
     def __init__(self, table: JobTable, job_id: str, *, poll: float = 0.5,
-                 on_tick: Callable[[dict], None] | None = None) -> None:
+                 on_tick: Callable[[dict], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep,
+                 start: Callable[..., AttemptProcess] = start_process) -> None:
         self.table, self.job_id, self.poll = table, job_id, poll
         self.spec = table.get(job_id)["spec"]
         self.on_tick = on_tick
+        self._clock, self._wall_clock, self._sleep, self._start = clock, wall_clock, sleep, start
         self._stop = 0
         self.stop_signal: int | None = None
-        self._proc: subprocess.Popen | None = None
+        self._proc: AttemptProcess | None = None
         self._beat_seen = False  # the running (or last) attempt wrote a heartbeat
         self._cost_before = 0.0
         self._last_refresh = 0.0
@@ -243,23 +295,25 @@ class Supervisor:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return False
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=self.spec.stop_grace)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.signal(signal.SIGTERM)
+        deadline = self._clock() + self.spec.stop_grace
+        while proc.poll() is None and self._clock() < deadline:
+            self._sleep(min(self.poll, max(0.0, deadline - self._clock())))
+        if proc.poll() is None:
+            proc.signal(signal.SIGKILL)
+            while proc.poll() is None:  # SIGKILL cannot be ignored: this ends at once
+                self._sleep(min(self.poll, 0.05))
         return True
 
     def _wait(self, seconds: float) -> bool:
         """Sleep ``seconds`` unless a stop comes first (then False)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        deadline = self._clock() + seconds
+        while self._clock() < deadline:
             self._poll_stop_request()
             if self._stop:
                 return False
             self._tick()
-            time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())))
+            self._sleep(min(self.poll, max(0.0, deadline - self._clock())))
         return True
 
     # -- one attempt -----------------------------------------------------------------------
@@ -282,7 +336,7 @@ class Supervisor:
         ``note`` says why it runs (``" (retry 1/3)"``), for the job's message."""
         job_dir = self.table.job_dir(self.job_id)
         log_path = self._log_path(n)
-        clock = LogClock(log_path)  # when each part of the log was written (logs --since)
+        log_clock = LogClock(log_path, self._wall_clock)  # when each part was written (--since)
         self.table.start_attempt(self.job_id, n)
         self._beat_seen, self._speed_ref = False, None
         if not os.path.isfile(self.spec.script):
@@ -295,26 +349,25 @@ class Supervisor:
             exit_dir = job_dir / f"attempt-{n}.exits"
             exit_dir.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
-            proc = subprocess.Popen(self.spec.command, cwd=self.spec.cwd,
-                                    env=self._child_env(exit_dir), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = self._start(self.spec.command, cwd=self.spec.cwd,
+                               env=self._child_env(exit_dir), log=out)
         self._proc = proc
         self._say(f"attempt {n} running{note}", status="running", attempt=n,
                   child_pid=proc.pid, speed=None)
-        started, started_wall = time.monotonic(), time.time()
+        started, started_wall = self._clock(), self._wall_clock()
         reason, kill_at, killed = "exited", None, False
         while True:
             code = proc.poll()
-            clock.tick()
+            log_clock.tick()
             if code is not None:
                 self._proc = None
                 self._refresh(proc.pid, started_wall, force=True)
-                self._cost_before += self._rate() * (time.monotonic() - started)
+                self._cost_before += self._rate() * (self._clock() - started)
                 if exit_dir is None:
                     return code, reason, ""
                 code, workers = self._torchrun_outcome(code, exit_dir, log_path)
                 return code, reason, workers
-            elapsed = time.monotonic() - started
+            elapsed = self._clock() - started
             self._poll_stop_request()
             progress = self._refresh(proc.pid, started_wall)
             if kill_at is None:
@@ -324,20 +377,20 @@ class Supervisor:
                 if why == "stopped-now":
                     self._say(f"stopping now on {self._cause() or 'request'}: attempt {n} "
                               f"killed (SIGKILL)")
-                    _signal_group(proc.pid, signal.SIGKILL)
-                    reason, kill_at, killed = "stopped", time.monotonic(), True
+                    proc.signal(signal.SIGKILL)
+                    reason, kill_at, killed = "stopped", self._clock(), True
                 elif why:
                     self._say(self._stopping_message(why, n))
-                    _signal_group(proc.pid, signal.SIGTERM)  # Run saves, commits and exits
-                    reason, kill_at = why, time.monotonic() + self.spec.stop_grace
-            elif not killed and (self._stop >= STOP_NOW or time.monotonic() >= kill_at):
+                    proc.signal(signal.SIGTERM)  # Run saves, commits and exits
+                    reason, kill_at = why, self._clock() + self.spec.stop_grace
+            elif not killed and (self._stop >= STOP_NOW or self._clock() >= kill_at):
                 self._say(f"attempt {n} killed (SIGKILL): "
                           + ("a second stop request" if self._stop >= STOP_NOW else
                              f"it had not exited {self.spec.stop_grace:.0f} s after SIGTERM"))
-                _signal_group(proc.pid, signal.SIGKILL)  # the grace ran out, or a 2nd Ctrl-C
+                proc.signal(signal.SIGKILL)  # the grace ran out, or a 2nd Ctrl-C
                 killed = True
             self._tick()
-            time.sleep(self.poll)
+            self._sleep(self.poll)
 
     def _stopping_message(self, why: str, n: int) -> str:
         grace = f"SIGKILL in {self.spec.stop_grace:.0f} s if it has not exited"
@@ -375,7 +428,8 @@ class Supervisor:
             return "stopped"
         if self.spec.timeout is not None and elapsed > self.spec.timeout:
             return "timeout"
-        if self.spec.hang_timeout is not None and time.time() - last_progress > self.spec.hang_timeout:
+        if (self.spec.hang_timeout is not None
+                and self._wall_clock() - last_progress > self.spec.hang_timeout):
             return "hang"
         if self.spec.budget_usd is not None:
             # what it will have cost once stopped: the grace, plus two polls of slack
@@ -391,7 +445,7 @@ class Supervisor:
     def _refresh(self, pid: int, started_wall: float, force: bool = False) -> float:
         """Update the table from the heartbeat and checkpoints; returns the time of the
         attempt's last progress (its start until its own heartbeat says otherwise)."""
-        now = time.time()
+        now = self._wall_clock()
         try:
             beat = read_heartbeat(self.spec.run_dir)
         except (ValueError, OSError) as exc:  # half a file, a run dir turned into a file
