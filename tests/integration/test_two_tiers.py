@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from tests.faultproxy import FaultProxy
+from tests.integration.jobcli import wait_for
 from trainguard import CheckpointManager, keep_last
 from trainguard.store.object import ObjectStore
 
@@ -57,14 +56,12 @@ def test_a_remote_checkpoint_without_its_manifest_is_invisible(tmp_path, s3_env,
     mgr = CheckpointManager(tmp_path / "run", mirror=_remote(s3_env))
     mgr.mirror.initial_delay = 0.05
     mgr.save(1, _state(1), blocking=True)
-    assert mgr.mirror.drain(timeout=30)
+    assert mgr.mirror.drain(timeout=60)
     proxy.block("step-000000002/manifest.json")  # the data lands, the manifest never does
     mgr.save(2, _state(2), blocking=True)
     remote = CheckpointManager(_remote(s3_env))
-    for _ in range(600):  # wait until step 2's data is in the bucket (not its manifest)
-        if remote.list()[-1].step == 2:
-            break
-        time.sleep(0.05)
+    # wait until step 2's data is in the bucket (not its manifest)
+    wait_for(lambda: remote.list()[-1].step == 2, what="step 2's data in the bucket")
     assert remote.latest_valid().step == 1 and not remote.list()[-1].valid
     fresh = {"w": torch.zeros(300, 300), "step": 0}
     assert remote.restore(fresh) == 1 and fresh["step"] == 1

@@ -24,7 +24,10 @@ def short_ttl(monkeypatch):
     monkeypatch.setenv("TRAINGUARD_LEASE_TTL", "1.2")
 
 
-def test_second_writer_is_refused_while_the_first_renews(s3_env, short_ttl):
+def test_second_writer_is_refused_while_the_first_renews(s3_env, monkeypatch):
+    # The second writer is refused once it sees a renewal (every ttl / 4: 2 s here); with
+    # the 1.2 s ttl, a renewal held up 0.9 s on a loaded machine let it take the lease.
+    monkeypatch.setenv("TRAINGUARD_LEASE_TTL", "8")
     url = f"s3://{s3_env}/run"
     first = CheckpointManager(url)
     first.save(1, {"w": torch.ones(3)}, blocking=True)  # takes the lease
