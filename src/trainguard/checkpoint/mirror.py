@@ -29,7 +29,7 @@ from trainguard.checkpoint.format import (
     step_dir,
 )
 from trainguard.errors import CheckpointCorrupt
-from trainguard.store.base import Store
+from trainguard.store.base import Retrying, Store
 from trainguard.store.retry import Backoff
 
 log = logging.getLogger("trainguard.mirror")
@@ -51,8 +51,9 @@ class Mirror:
                  initial_delay: float = 1.0, max_delay: float = 60.0,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.primary, self.remote = primary, remote
-        with_retry = getattr(remote, "with_retry", None)  # retries are this class's own
-        self._dest = with_retry(Backoff(budget=0.0)) if with_retry is not None else remote
+        # retries are this class's own: the store's budget would only delay the next upload
+        self._dest = remote.with_retry(Backoff(budget=0.0)) if isinstance(remote, Retrying) \
+            else remote
         self.after_upload = after_upload
         self.initial_delay, self.max_delay = initial_delay, max_delay
         self._sleep = sleep

@@ -243,8 +243,9 @@ class CheckpointWriter:
         if if_busy not in ("wait", "skip"):
             raise ValueError(f"if_busy must be 'wait' or 'skip', got {if_busy!r}")
         self.store, self.guard = store, guard
-        self.max_shard_bytes, self.incremental, self.if_busy = max_shard_bytes, incremental, \
-            if_busy
+        self.max_shard_bytes = max_shard_bytes
+        self.incremental = incremental
+        self.if_busy = if_busy
         self._verify, self._after_commit_hook = verify, after_commit
         #: The host memory every save copies into (reused; pinned for GPU state).
         self.arena = HostArena()
